@@ -1,0 +1,259 @@
+"""The `Arch` contract (arch.json), the MNet macro search space and its presets.
+
+An architecture is plain data: input size, width, stem stride, where the reductions are, and per
+layer a (kernel, dilation, skip) triple. One builder (`mnet.search.model.MNet`) turns it into a
+network, and the supernet runs the same ops, so everything that counts parameters or MACs lives here
+and is shared with the model (a test checks `num_params()` against the built model).
+
+Geometry (DESIGN "Search space"): node 0 is the stem output, node i the output of layer i. Layer i
+runs at the resolution of its input; a reduction after layer r halves the running tensor (2x2 average
+pool) before layer r+1, and a skip source consumed at a lower resolution is pooled the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from mnet.errors import ConfigError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "KERNELS",
+    "DILATIONS",
+    "OPS",
+    "Layer",
+    "Arch",
+    "SearchSpace",
+    "PRESETS",
+    "get_preset",
+    "cropped_kernel",
+]
+
+SCHEMA_VERSION = 1
+KERNELS: tuple[int, ...] = tuple(range(3, 40, 4))  # 3, 7, ..., 39 (paper §3.2)
+DILATIONS: tuple[int, ...] = (1, 2)
+# The 20 ops, in the order the controller indexes them.
+OPS: tuple[tuple[int, int], ...] = tuple((k, d) for k in KERNELS for d in DILATIONS)
+
+
+def cropped_kernel(kernel: int, dilation: int, h: int, w: int) -> tuple[int, int]:
+    """Kernel extent (kh, kw) after removing taps that only ever see zero padding.
+
+    With 'same' padding a tap at offset o = dilation*(i - (k-1)/2) reads input y+o for outputs y in
+    [0, h); if |o| > h-1 every read is padding, so the tap contributes exactly zero and can go.
+    What remains is symmetric about the centre, so padding stays 'same'.
+    """
+    half = (kernel - 1) // 2
+    return (2 * min(half, (h - 1) // dilation) + 1, 2 * min(half, (w - 1) // dilation) + 1)
+
+
+@dataclass(frozen=True)
+class Layer:
+    kernel: int
+    dilation: int
+    skip: int | None = None
+
+    @property
+    def op_index(self) -> int:
+        return OPS.index((self.kernel, self.dilation))
+
+
+def _need(cond: bool, field_name: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ConfigError(f"arch field '{field_name}' = {value!r} is invalid: {fix}")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One MNet architecture; validated on construction (the bad field is named)."""
+
+    input_hw: tuple[int, int]
+    width: int
+    stem_stride: int
+    reductions: tuple[int, ...]
+    num_classes: int
+    layers: tuple[Layer, ...]
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _need(self.schema_version == SCHEMA_VERSION, "schema_version", self.schema_version,
+              f"this mnet reads schema_version {SCHEMA_VERSION}")
+        hw = self.input_hw
+        _need(isinstance(hw, tuple) and len(hw) == 2 and all(isinstance(v, int) and v > 0 for v in hw),
+              "input_hw", hw, "expected [height, width], two positive integers")
+        _need(isinstance(self.width, int) and self.width > 0, "width", self.width, "expected a positive integer")
+        _need(self.stem_stride in (1, 2), "stem_stride", self.stem_stride, "expected 1 or 2")
+        _need(isinstance(self.num_classes, int) and self.num_classes >= 2, "num_classes", self.num_classes,
+              "expected an integer >= 2")
+        n = len(self.layers)
+        _need(n >= 1, "layers", list(self.layers), "expected at least one layer")
+        red = self.reductions
+        _need(all(isinstance(r, int) and 1 <= r < n for r in red) and list(red) == sorted(set(red)),
+              "reductions", list(red), f"expected increasing distinct layer numbers in 1..{n - 1}")
+        for i, layer in enumerate(self.layers, start=1):
+            _need(isinstance(layer, Layer), f"layers[{i - 1}]", layer, "expected {kernel, dilation, skip}")
+            _need(layer.kernel in KERNELS, f"layers[{i - 1}].kernel", layer.kernel, f"expected one of {list(KERNELS)}")
+            _need(layer.dilation in DILATIONS, f"layers[{i - 1}].dilation", layer.dilation,
+                  f"expected one of {list(DILATIONS)}")
+            _need(layer.skip is None or (isinstance(layer.skip, int) and 0 <= layer.skip < i),
+                  f"layers[{i - 1}].skip", layer.skip, f"expected null or a node in 0..{i - 1} (0 = stem)")
+        h, w = self.node_hw(n)
+        _need(h >= 1 and w >= 1, "input_hw", hw, "too small for the stem stride and reductions")
+
+    # --- geometry -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def level(self, node: int) -> int:
+        """How many reductions come before layer `node` runs (node 0, the stem, is level 0)."""
+        return sum(1 for r in self.reductions if r < node)
+
+    def node_hw(self, node: int) -> tuple[int, int]:
+        h = math.ceil(self.input_hw[0] / self.stem_stride)
+        w = math.ceil(self.input_hw[1] / self.stem_stride)
+        for _ in range(self.level(node)):
+            h, w = h // 2, w // 2
+        return h, w
+
+    def layer_kernel_hw(self, i: int) -> tuple[int, int]:
+        """Cropped depthwise kernel extent of layer i (1-based)."""
+        layer = self.layers[i - 1]
+        return cropped_kernel(layer.kernel, layer.dilation, *self.node_hw(i))
+
+    # --- cost -----------------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Trainable parameters of the built model (cropped kernels, BN affine, head)."""
+        c = self.width
+        total = 3 * 9 * c + 2 * c  # stem conv (no bias) + BN
+        for i in range(1, self.num_layers + 1):
+            kh, kw = self.layer_kernel_hw(i)
+            total += c * kh * kw + 2 * c + c * c + 2 * c  # depthwise + BN + pointwise + BN
+        return total + c * self.num_classes + self.num_classes
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one image (convs and the linear head; adds and pools are free)."""
+        c = self.width
+        h, w = self.node_hw(0)
+        total = h * w * c * 27
+        for i in range(1, self.num_layers + 1):
+            kh, kw = self.layer_kernel_hw(i)
+            h, w = self.node_hw(i)
+            total += h * w * c * (kh * kw + c)
+        return total + c * self.num_classes
+
+    # --- json -----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "input_hw": list(self.input_hw),
+            "width": self.width,
+            "stem_stride": self.stem_stride,
+            "reductions": list(self.reductions),
+            "num_classes": self.num_classes,
+            "layers": [asdict(x) for x in self.layers],
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> "Arch":
+        if not isinstance(d, dict):
+            raise ConfigError(f"arch must be a JSON object, got {type(d).__name__}")
+        known = {"schema_version", "input_hw", "width", "stem_stride", "reductions", "num_classes", "layers"}
+        missing = known - {"schema_version"} - set(d)
+        if missing:
+            raise ConfigError(f"arch is missing field(s) {sorted(missing)}")
+        layers = d["layers"]
+        _need(isinstance(layers, list), "layers", layers, "expected a list of {kernel, dilation, skip}")
+        parsed = []
+        for i, x in enumerate(layers):
+            _need(isinstance(x, dict) and {"kernel", "dilation"} <= set(x), f"layers[{i}]", x,
+                  "expected {kernel, dilation, skip}")
+            parsed.append(Layer(kernel=x["kernel"], dilation=x["dilation"], skip=x.get("skip")))
+        hw, red = d["input_hw"], d["reductions"]
+        _need(isinstance(hw, list), "input_hw", hw, "expected [height, width]")
+        _need(isinstance(red, list), "reductions", red, "expected a list of layer numbers")
+        return cls(
+            schema_version=d.get("schema_version", SCHEMA_VERSION),
+            input_hw=tuple(hw),
+            width=d["width"],
+            stem_stride=d["stem_stride"],
+            reductions=tuple(red),
+            num_classes=d["num_classes"],
+            layers=tuple(parsed),
+        )
+
+    def replace_layers(self, layers: Sequence[Layer]) -> "Arch":
+        return Arch(self.input_hw, self.width, self.stem_stride, self.reductions, self.num_classes, tuple(layers))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The macro skeleton (everything but the per-layer choices) plus the choices themselves."""
+
+    name: str
+    num_layers: int
+    width: int
+    input_hw: tuple[int, int]
+    stem_stride: int
+    num_classes: int = 3
+    ops: tuple[tuple[int, int], ...] = OPS
+    reductions: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.reductions:
+            # DESIGN: reductions after layers L/3 and 2L/3.
+            red = tuple(sorted({max(1, self.num_layers // 3), max(1, 2 * self.num_layers // 3)} - {self.num_layers}))
+            object.__setattr__(self, "reductions", red)
+        self.skeleton([Layer(*self.ops[0])] * self.num_layers)  # validates the skeleton
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.ops)
+
+    def size(self) -> int:
+        """Number of architectures: |ops|^L x (L+1)! (layer i has i+1 skip choices)."""
+        return self.num_ops ** self.num_layers * math.factorial(self.num_layers + 1)
+
+    def skeleton(self, layers: Sequence[Layer]) -> Arch:
+        return Arch(self.input_hw, self.width, self.stem_stride, self.reductions, self.num_classes, tuple(layers))
+
+    def arch(self, ops: Sequence[int], skips: Sequence[int | None]) -> Arch:
+        """Arch from per-layer op indices and skip choices."""
+        return self.skeleton([Layer(*self.ops[o], skip=s) for o, s in zip(ops, skips, strict=True)])
+
+    def sample(self, rng: random.Random) -> Arch:
+        """Uniformly random architecture (each layer: op uniform, skip uniform over i+1 choices)."""
+        ops = [rng.randrange(self.num_ops) for _ in range(self.num_layers)]
+        skips = [rng.choice([None, *range(i)]) for i in range(1, self.num_layers + 1)]
+        return self.arch(ops, skips)
+
+    def contains(self, arch: Arch) -> bool:
+        return (
+            arch.num_layers == self.num_layers
+            and arch.width == self.width
+            and arch.input_hw == self.input_hw
+            and arch.stem_stride == self.stem_stride
+            and arch.reductions == self.reductions
+            and all((x.kernel, x.dilation) in self.ops for x in arch.layers)
+        )
+
+    def with_classes(self, num_classes: int) -> "SearchSpace":
+        return SearchSpace(self.name, self.num_layers, self.width, self.input_hw, self.stem_stride,
+                           num_classes, self.ops, self.reductions)
+
+
+PRESETS: dict[str, SearchSpace] = {
+    "tiny": SearchSpace("tiny", num_layers=4, width=16, input_hw=(24, 32), stem_stride=1),
+    "mnet-24-32": SearchSpace("mnet-24-32", num_layers=12, width=256, input_hw=(24, 32), stem_stride=1),
+    "mnet-120-160": SearchSpace("mnet-120-160", num_layers=12, width=256, input_hw=(120, 160), stem_stride=2),
+}
+
+
+def get_preset(name: str) -> SearchSpace:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}") from None

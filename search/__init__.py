@@ -1,0 +1,1 @@
+"""mnet.search"""

@@ -1,0 +1,59 @@
+"""Minibatches from a cached `Split`, with the data kept on the training device.
+
+The uint8 images live on the device once (a 5600×24×32 set is 13 MB); flip and normalisation run
+there per batch, so there are no DataLoader workers and no host round trips per step. Shuffling and
+flips draw from one CPU `torch.Generator`, so a run is reproducible and resumable on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mnet.data import Split
+from mnet.preprocess import Preprocess
+
+__all__ = ["DeviceData"]
+
+
+class DeviceData:
+    def __init__(self, split: Split, preprocess: Preprocess, device: torch.device | str = "cpu",
+                 indices: np.ndarray | None = None):
+        idx = np.arange(len(split)) if indices is None else np.asarray(indices)
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images[idx])).to(self.device)  # N,H,W,3 uint8
+        self.labels = torch.from_numpy(split.labels[idx]).to(self.device)
+        self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+
+    def to_input(self, images_u8: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """NHWC uint8 → normalised NCHW float32 (the torch twin of `Preprocess.normalize`)."""
+        x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
+        if flip is not None and bool(flip.any()):
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        return (x - self.mean) / self.std
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, flip_p: float = 0.0,
+                generator: torch.Generator | None = None, drop_last: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for b in range(self.num_batches(batch_size, drop_last)):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            flip = (torch.rand(len(idx), generator=generator) < flip_p).to(self.device) if flip_p > 0 else None
+            idx = idx.to(self.device)
+            yield self.to_input(self.images[idx], flip), self.labels[idx]
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One random minibatch (without replacement inside it), no augmentation: for rewards."""
+        idx = torch.randperm(len(self), generator=generator)[:batch_size].to(self.device)
+        return self.to_input(self.images[idx]), self.labels[idx]

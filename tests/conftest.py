@@ -1,0 +1,46 @@
+"""Shared fixtures: a small learnable dataset on disk, written in milliseconds.
+
+The image's dominant hue carries the class (plus noise), so a tiny MNet learns it in a few epochs —
+enough for "loss decreases" and resume tests without the (slower, harder) synthetic mango set.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mnet.arch import PRESETS
+
+_COLOURS = {"A": (40, 180, 60), "B": (30, 140, 220), "C": (50, 50, 200)}  # BGR
+
+
+def write_colour_dataset(root: Path, n: dict[str, int], seed: int = 0, size=(48, 64)) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, count in n.items():
+        (root / split).mkdir(exist_ok=True)
+        rows = ["image_id,label"]
+        for i in range(count):
+            label = "ABC"[i % 3]
+            img = rng.normal(0, 25, (*size, 3)) + np.array(_COLOURS[label])
+            if rng.random() < 0.15:  # some portrait images, like phone shots
+                img = np.ascontiguousarray(np.swapaxes(img, 0, 1))
+            name = f"{i:05d}.jpg"
+            cv2.imwrite(str(root / split / name), np.clip(img, 0, 255).astype(np.uint8))
+            rows.append(f"{name},{label}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory) -> Path:
+    return write_colour_dataset(tmp_path_factory.mktemp("colour"), {"train": 96, "dev": 30, "test": 30})
+
+
+@pytest.fixture
+def tiny_arch():
+    return PRESETS["tiny"].sample(random.Random(0))
