@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from mnet.errors import ConfigError
 
-__all__ = ["GradeEvent", "EVENT_SCHEMA_VERSION", "EVENT_FIELDS"]
+__all__ = ["EVENT_FIELDS", "EVENT_SCHEMA_VERSION", "GradeEvent"]
 
 EVENT_SCHEMA_VERSION = 1
 # The JSON field order written by to_json (and the CSV column order, probs expanded per class).
@@ -93,7 +94,7 @@ class GradeEvent:
 
     @classmethod
     def from_probs(cls, fruit_id: int, probs: Mapping[str, float], *, frames: int, first_ts: float,
-                   last_ts: float, source: str, model: str) -> "GradeEvent":
+                   last_ts: float, source: str, model: str) -> GradeEvent:
         """Build an event from a class -> probability vote; grade and confidence are its argmax."""
         # 6 digits keep lines short; the rounding error (< 1e-5 summed) is far inside the sum check.
         probs = {str(k): round(float(v), 6) for k, v in probs.items()}
@@ -121,7 +122,7 @@ class GradeEvent:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, d: Any) -> "GradeEvent":
+    def from_json(cls, d: Any) -> GradeEvent:
         if isinstance(d, (str, bytes)):
             try:
                 d = json.loads(d)

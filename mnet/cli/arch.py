@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -27,12 +27,17 @@ def sample(
     preset: Annotated[str, typer.Option(help="Search space: tiny, mnet-24-32, mnet-120-160.")] = "tiny",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     num_classes: Annotated[int, typer.Option(help="Number of classes.")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Write arch.json here instead of printing it.")] = None,
 ) -> None:
     """Print a uniformly random valid arch.json of the preset."""
     from mnet.arch import get_preset
+    from mnet.io import write_json
 
     arch = get_preset(preset).with_classes(num_classes).sample(random.Random(seed))
-    typer.echo(json.dumps(arch.to_json(), indent=2))
+    if out is not None:
+        write_json(out, arch.to_json())
+    else:
+        typer.echo(json.dumps(arch.to_json(), indent=2))
 
 
 @arch_app.command("show")

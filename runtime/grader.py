@@ -1,0 +1,415 @@
+"""The grading loop: source → localise → crop → preprocess → backend → tracker → sinks.
+
+    grade(backend, preprocess, classes, "belt.mp4", GradeConfig(...), open_sinks(events="out.jsonl"))
+
+runs until the source ends or `stop` is set, then flushes the tracker (every fruit still in view is
+emitted), closes the sinks and returns a `GradeSummary`. One backend call per frame carries every
+fruit in it (one batch). The CLI stays thin: it builds the backend from the bundle, a GradeConfig
+from its options (`GradeConfig.from_options`), the sinks (`open_sinks`), sets the stop event from
+signals (`stop_on_signals`) and draws its live status line from the `on_frame` callback.
+
+Per-stage times are per processed frame (a frame without fruit costs ~0 in preprocess and infer):
+capture (read: decode for files, the wait for the next frame for live sources), localise,
+preprocess, infer, track, sink. The latency budget applies to the processing stages after capture.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from mnet.runtime.localize import Box, LocalizeConfig, Localizer, crop, parse_roi
+from mnet.runtime.sinks import Sinks
+from mnet.runtime.sources import CaptureFactory, Source, Status, open_source
+from mnet.runtime.tracker import FruitVote, Tracker, TrackerConfig, TrackView
+
+from mnet.errors import BackendError, ConfigError
+from mnet.events import GradeEvent
+from mnet.preprocess import Preprocess
+
+__all__ = [
+    "STAGES",
+    "Backend",
+    "FrameInfo",
+    "GradeConfig",
+    "GradeSummary",
+    "Grader",
+    "grade",
+    "parse_size",
+    "stop_on_signals",
+]
+
+_log = logging.getLogger(__name__)
+
+STAGES = ("capture", "localise", "preprocess", "infer", "track", "sink")
+_BUDGET_STAGES = STAGES[1:]
+_WARN_EVERY_S = 5.0
+_MAX_SAMPLES = 100_000  # per stage: ~1 h at 30 fps; older samples age out of the percentiles
+
+
+class Backend(Protocol):
+    """What the grader needs from an inference backend (runtime/backends.py implements it)."""
+
+    name: str
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """NCHW float32 batch → (N, num_classes) float32 probabilities."""
+
+
+def parse_size(text: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """'640x480' or (640, 480) → (640, 480); None → None. ConfigError names the bad value."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        w, h = (int(v) for v in (text.lower().split("x") if isinstance(text, str) else text))
+    except (ValueError, TypeError):
+        raise ConfigError(f"input size = {text!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
+    if w <= 0 or h <= 0:
+        raise ConfigError(f"input size = {text!r}: width and height must be > 0")
+    return (w, h)
+
+
+@dataclass(frozen=True)
+class GradeConfig:
+    """Everything the grading loop can be told; the CLI builds it with from_options()."""
+
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    margin: float = 0.3  # crop margin, fraction of the box size on each side (see localize.crop)
+    input_size: tuple[int, int] | None = None  # (w, h) frames are delivered at
+    fps_limit: float | None = None
+    latency_budget_ms: float | None = None
+    max_batch: int | None = None  # split a frame's crops for engines with a fixed max batch
+    read_timeout_s: float = 1.0
+    warmup: bool = True  # one inference before the loop so the first frame is not an outlier
+    max_frames: int | None = None  # stop after this many processed frames (smoke tests, benches)
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise ConfigError(f"grade field 'margin' = {self.margin!r}: expected >= 0")
+        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
+            raise ConfigError(f"latency budget = {self.latency_budget_ms!r} ms: expected > 0")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ConfigError(f"grade field 'max_batch' = {self.max_batch!r}: expected >= 1")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"grade field 'max_frames' = {self.max_frames!r}: expected >= 1")
+
+    @classmethod
+    def from_options(cls, *, roi: str | Sequence[int] | None = None, trigger_x: float | None = None,
+                     full_frame: bool = False, input_size: str | Sequence[int] | None = None,
+                     fps_limit: float | None = None, latency_budget_ms: float | None = None,
+                     **kw: Any) -> GradeConfig:
+        """The CLI's options as given (strings allowed for roi 'x,y,w,h' and input size 'WxH')."""
+        roi_t = parse_roi(roi) if isinstance(roi, str) or roi is None else tuple(int(v) for v in roi)
+        base = cls(**kw)
+        return replace(base,
+                       localize=replace(base.localize, roi=roi_t, full_frame=bool(full_frame)),
+                       tracker=replace(base.tracker, trigger_x=trigger_x),
+                       input_size=parse_size(input_size), fps_limit=fps_limit,
+                       latency_budget_ms=latency_budget_ms)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """Handed to sinks that want frames and to the on_frame callback after every processed frame."""
+
+    index: int  # processed frames before this one
+    capture_index: int  # the frame's position in the source (dropped frames counted)
+    ts: float
+    boxes: list[Box]
+    tracks: list[TrackView]
+    events: list[GradeEvent]  # emitted while processing this frame
+    stage_ms: dict[str, float]
+    fps: float  # processed frames per second, over the last second or so
+    input_fps: float  # frames the source produced per second, same window
+    dropped: int
+    graded: int
+    classes: tuple[str, ...]
+    roi: tuple[int, int, int, int] | None
+    trigger_x: float | None
+    source_fps: float | None
+    last_event: GradeEvent | None
+
+
+@dataclass
+class GradeSummary:
+    source: str
+    model: str
+    backend: str
+    frames_read: int = 0
+    frames_processed: int = 0
+    frames_dropped: int = 0
+    read_errors: int = 0
+    reconnects: int = 0
+    fruit_graded: int = 0
+    grades: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    input_fps: float = 0.0
+    processed_fps: float = 0.0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency_budget_ms: float | None = None
+    over_budget: int = 0
+    stopped: bool = False  # True when the stop flag ended the run (not the end of the source)
+    tracks_discarded: int = 0  # tentative tracks that never became fruit (noise)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Samples:
+    def __init__(self) -> None:
+        self.values: collections.deque[float] = collections.deque(maxlen=_MAX_SAMPLES)
+
+    def add(self, ms: float) -> None:
+        self.values.append(ms)
+
+    def summary(self) -> dict[str, float]:
+        if not self.values:
+            return {"p50_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0, "n": 0}
+        a = np.fromiter(self.values, np.float64, len(self.values))
+        p50, p99 = np.percentile(a, [50, 99])
+        return {"p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4),
+                "mean_ms": round(float(a.mean()), 4), "n": int(a.size)}
+
+
+class _Rate:
+    """Events per second over a sliding window of about `window_s`."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()
+
+    def mark(self, now: float, count: int) -> float:
+        self._marks.append((now, count))
+        while len(self._marks) > 2 and now - self._marks[0][0] > self.window_s:
+            self._marks.popleft()
+        (t0, c0), (t1, c1) = self._marks[0], self._marks[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Grader:
+    """The per-frame pipeline, without a source: process(frame, ts) → events. grade() drives it."""
+
+    def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str],
+                 config: GradeConfig = GradeConfig(), *, model: str = "", source: str = "",
+                 localizer: Localizer | None = None) -> None:
+        if not classes or len(set(classes)) != len(classes):
+            raise ConfigError(f"classes = {list(classes)!r}: expected distinct class names")
+        self.backend, self.preprocess, self.config = backend, preprocess, config
+        self.classes = tuple(str(c) for c in classes)
+        self.model, self.source = model, source
+        # Injectable so another detector (or a test's recording wrapper) can stand in for the HSV one.
+        self.localizer = localizer if localizer is not None else Localizer(config.localize)
+        self._aspect = preprocess.input_hw[1] / preprocess.input_hw[0]  # crops match the model input
+        self.tracker = Tracker(len(self.classes), config.tracker)
+        self.samples = {s: _Samples() for s in STAGES}
+        self.processed = 0
+        self.graded = 0
+        self.grades: dict[str, int] = {c: 0 for c in self.classes}
+        self.last_event: GradeEvent | None = None
+        self.over_budget = 0
+        self._over_since_warn = 0
+        self._last_warn = -1e9
+
+    def warmup(self) -> None:
+        """One inference on a blank crop: pays lazy initialisation and checks the output contract."""
+        h, w = self.preprocess.input_hw
+        self._infer(self.preprocess.batch([np.zeros((h, w, 3), np.uint8)]), check_probs=True)
+
+    def _infer(self, x: np.ndarray, check_probs: bool = False) -> np.ndarray:
+        n, step = len(x), self.config.max_batch or len(x)
+        parts = [np.asarray(self.backend.infer(x[i:i + step])) for i in range(0, n, step)]
+        probs = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if probs.shape != (n, len(self.classes)):
+            raise BackendError(f"backend {self.backend.name!r} returned shape {probs.shape} for a batch of {n}; "
+                               f"expected ({n}, {len(self.classes)}) for classes {list(self.classes)}")
+        if check_probs and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+            raise BackendError(f"backend {self.backend.name!r} returns rows summing to {probs.sum(axis=1)}, "
+                               "not probabilities; the backend must apply softmax")
+        return probs
+
+    def _event(self, v: FruitVote) -> GradeEvent:
+        e = GradeEvent.from_probs(v.fruit_id, dict(zip(self.classes, v.probs.tolist())), frames=v.frames,
+                                  first_ts=v.first_ts, last_ts=v.last_ts, source=self.source, model=self.model)
+        self.graded += 1
+        self.grades[e.grade] += 1
+        self.last_event = e
+        return e
+
+    def process(self, frame: np.ndarray, ts: float) -> tuple[list[GradeEvent], list[Box], dict[str, float]]:
+        """Grade one frame: the events it completes, the boxes found, and per-stage milliseconds."""
+        clock = time.perf_counter
+        ms: dict[str, float] = {}
+        t = clock()
+        boxes = self.localizer(frame)
+        t, ms["localise"] = clock(), (clock() - t) * 1e3
+        if self.config.localize.full_frame:
+            crops = [crop(frame, b, 0.0) for b in boxes]
+        else:
+            crops = [crop(frame, b, self.config.margin, self._aspect) for b in boxes]
+        x = self.preprocess.batch(crops)
+        t, ms["preprocess"] = clock(), (clock() - t) * 1e3
+        probs = self._infer(x) if len(boxes) else np.zeros((0, len(self.classes)), np.float32)
+        t, ms["infer"] = clock(), (clock() - t) * 1e3
+        if self.config.localize.full_frame:
+            votes = [self.tracker.emit_single(boxes[0], probs[0], ts)]
+        else:
+            region = self.localizer.region(frame)
+            votes = self.tracker.update(boxes, probs, ts, (region[0], region[0] + region[2]))
+        events = [self._event(v) for v in votes]
+        ms["track"] = (clock() - t) * 1e3
+        for k, v in ms.items():
+            self.samples[k].add(v)
+        self.processed += 1
+        self._check_budget(ms)
+        return events, boxes, ms
+
+    def flush(self) -> list[GradeEvent]:
+        return [self._event(v) for v in self.tracker.flush()]
+
+    def _check_budget(self, ms: dict[str, float]) -> None:
+        budget = self.config.latency_budget_ms
+        if budget is None:
+            return
+        total = sum(ms.get(s, 0.0) for s in _BUDGET_STAGES)
+        if total <= budget:
+            return
+        self.over_budget += 1
+        self._over_since_warn += 1
+        now = time.monotonic()
+        if now - self._last_warn >= _WARN_EVERY_S:
+            worst = max(ms, key=ms.get)
+            _log.warning("frame took %.1f ms, over the %.1f ms budget (%d frame(s) over since the last warning; "
+                         "slowest stage: %s %.1f ms)", total, budget, self._over_since_warn, worst, ms[worst])
+            self._last_warn, self._over_since_warn = now, 0
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Set `stop` on SIGINT/SIGTERM so the loop finishes its frame and flushes; a second signal aborts.
+
+    Only the main thread may install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def grade(
+    backend: Backend,
+    preprocess: Preprocess,
+    classes: Sequence[str],
+    source: str | int | Source,
+    config: GradeConfig = GradeConfig(),
+    sinks: Sinks | None = None,
+    *,
+    model: str = "",
+    stop: threading.Event | None = None,
+    on_frame: Callable[[np.ndarray, FrameInfo], None] | None = None,
+    capture_factory: CaptureFactory | None = None,
+    localizer: Localizer | None = None,
+) -> GradeSummary:
+    """Grade fruit from `source` (a URI or an open Source) until it ends or `stop` is set.
+
+    Takes ownership of `sinks` (closed on return, also on error) and of a source it opened from a URI.
+    `on_frame(frame, info)` runs after every processed frame (the CLI's live status / --show window).
+    """
+    sinks = sinks if sinks is not None else Sinks()
+    stop = stop or threading.Event()
+    own_source = not isinstance(source, Source)
+    src: Source | None = None
+    try:
+        src = open_source(source, input_size=config.input_size, fps_limit=config.fps_limit,
+                          timeout_s=config.read_timeout_s, capture_factory=capture_factory) if own_source else source
+        grader = Grader(backend, preprocess, classes, config, model=model, source=src.uri, localizer=localizer)
+        if config.warmup:
+            grader.warmup()
+        summary = _run(grader, src, sinks, stop, on_frame)
+    finally:
+        try:
+            if own_source and src is not None:
+                src.close()
+        finally:
+            sinks.close()
+    _log.info("graded %d fruit from %d frames in %.1f s (%.1f fps processed, %d dropped)", summary.fruit_graded,
+              summary.frames_processed, summary.wall_s, summary.processed_fps, summary.frames_dropped)
+    return summary
+
+
+def _run(grader: Grader, src: Source, sinks: Sinks, stop: threading.Event,
+         on_frame: Callable[[np.ndarray, FrameInfo], None] | None) -> GradeSummary:
+    clock = time.perf_counter
+    cfg = grader.config
+    rate_out, rate_in = _Rate(), _Rate()
+    stopped = False
+    start = clock()
+    while True:
+        if stop.is_set():
+            stopped = True
+            break
+        t0 = clock()
+        cap = src.read()
+        capture_ms = (clock() - t0) * 1e3
+        if cap.status is Status.EOS:
+            break
+        if cap.status is Status.TIMEOUT:
+            continue
+        if cap.status is Status.ERROR:
+            if not src.streaming:
+                break
+            continue
+        grader.samples["capture"].add(capture_ms)
+        events, boxes, ms = grader.process(cap.frame, cap.ts)
+        t1 = clock()
+        for e in events:
+            sinks.write(e)
+        now = clock()
+        info = None
+        if sinks.wants_frames or on_frame is not None:
+            loc = cfg.localize
+            info = FrameInfo(
+                index=grader.processed - 1, capture_index=cap.index, ts=cap.ts, boxes=boxes,
+                tracks=grader.tracker.tracks, events=events, stage_ms={"capture": capture_ms, **ms},
+                fps=rate_out.mark(now, grader.processed), input_fps=rate_in.mark(now, src.stats.read),
+                dropped=src.stats.dropped, graded=grader.graded, classes=grader.classes, roi=loc.roi,
+                trigger_x=cfg.tracker.trigger_x, source_fps=src.fps, last_event=grader.last_event)
+            sinks.frame(cap.frame, info)
+        grader.samples["sink"].add((clock() - t1) * 1e3)
+        if on_frame is not None:
+            on_frame(cap.frame, info)
+        if cfg.max_frames is not None and grader.processed >= cfg.max_frames:
+            break
+    for e in grader.flush():
+        sinks.write(e)
+    wall = max(clock() - start, 1e-9)
+    st = src.stats
+    return GradeSummary(
+        source=src.uri, model=grader.model, backend=getattr(grader.backend, "name", type(grader.backend).__name__),
+        frames_read=st.read, frames_processed=grader.processed, frames_dropped=st.dropped, read_errors=st.errors,
+        reconnects=st.reconnects, fruit_graded=grader.graded, grades=dict(grader.grades), wall_s=round(wall, 4),
+        input_fps=round(st.read / wall, 2), processed_fps=round(grader.processed / wall, 2),
+        stages={s: grader.samples[s].summary() for s in STAGES}, latency_budget_ms=cfg.latency_budget_ms,
+        over_budget=grader.over_budget, stopped=stopped, tracks_discarded=grader.tracker.discarded)

@@ -1,0 +1,207 @@
+"""Find fruit on the belt with plain OpenCV: a colour mask, morphology, contours, boxes.
+
+Mangoes are saturated (red, orange, yellow or green skin); the belt is dark or grey (low saturation
+or low value); a hand is skin coloured — orange-ish hue like a mango, but much less saturated — and
+not convex with its fingers. So:
+
+    frame ─► ROI ─► downscale ─► HSV ─► S ≥ sat_min and V ≥ val_min, minus skin ─► open/close
+          ─► outer contours ─► area / solidity limits ─► boxes in frame coordinates
+
+The mask is computed at `scale` (½ by default: 4× fewer pixels, same boxes to a pixel or two at belt
+resolutions). A box touching the frame (or ROI) border is a partially visible fruit: it is still
+returned, flagged `touches_edge`, so the tracker keeps its identity but votes with whole views.
+
+`full_frame=True` skips all of that: the whole frame (or ROI) is the one fruit, for hand-held shots
+and for directories of single-fruit photos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from mnet.errors import ConfigError
+
+__all__ = ["Box", "LocalizeConfig", "Localizer", "crop", "parse_roi"]
+
+Roi = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in frame pixels, with the fruit's mask area and whether it is cut off."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    area: float = 0.0
+    touches_edge: bool = False
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.x + self.w / 2.0, self.y + self.h / 2.0)
+
+    @property
+    def x2(self) -> int:
+        return self.x + self.w
+
+    @property
+    def y2(self) -> int:
+        return self.y + self.h
+
+    def iou(self, other: Box) -> float:
+        ix = max(0, min(self.x2, other.x2) - max(self.x, other.x))
+        iy = max(0, min(self.y2, other.y2) - max(self.y, other.y))
+        inter = ix * iy
+        union = self.w * self.h + other.w * other.h - inter
+        return inter / union if union > 0 else 0.0
+
+
+def parse_roi(text: str | None) -> Roi | None:
+    """'x,y,w,h' → (x, y, w, h); None/'' → None. ConfigError names the bad value."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        x, y, w, h = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"roi = {text!r}: expected x,y,w,h in pixels, e.g. 0,80,640,320") from None
+    if x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise ConfigError(f"roi = {text!r}: x, y must be >= 0 and w, h > 0")
+    return (x, y, w, h)
+
+
+@dataclass(frozen=True)
+class LocalizeConfig:
+    """Localisation options. Areas are fractions of the ROI (or frame) area, so they hold at any resolution."""
+
+    roi: Roi | None = None
+    full_frame: bool = False
+    sat_min: int = 70  # HSV saturation 0..255: belts and shadows sit below, fruit skin above
+    val_min: int = 50  # HSV value 0..255: drops the dark belt texture and deep shadows
+    reject_skin: bool = True
+    skin_sat_max: int = 150  # skin is orange-hued but below ~150 saturation; orange/red mango skin is above
+    skin_val_min: int = 90
+    min_area: float = 0.003
+    max_area: float = 0.5
+    min_solidity: float = 0.75  # area / convex hull area: a mango ~0.95, an open hand ~0.6
+    scale: float = 0.5
+    open_px: int = 3  # opening removes speckle from the belt texture (at mask scale)
+    close_px: int = 7  # closing fills specular highlights and dark spots on the fruit
+    edge_px: int = 2  # a box this close to the border counts as cut off
+
+    def __post_init__(self) -> None:
+        if self.roi is not None and (len(self.roi) != 4 or self.roi[2] <= 0 or self.roi[3] <= 0
+                                     or self.roi[0] < 0 or self.roi[1] < 0):
+            raise ConfigError(f"localize field 'roi' = {self.roi!r}: expected (x, y, w, h) with w, h > 0")
+        for name in ("sat_min", "val_min", "skin_sat_max", "skin_val_min"):
+            if not 0 <= getattr(self, name) <= 255:
+                raise ConfigError(f"localize field '{name}' = {getattr(self, name)!r}: expected 0..255")
+        if not 0 <= self.min_area < self.max_area <= 1:
+            raise ConfigError(f"localize fields min_area/max_area = {self.min_area}/{self.max_area}: "
+                              "expected fractions of the frame with 0 <= min_area < max_area <= 1")
+        if not 0 < self.scale <= 1:
+            raise ConfigError(f"localize field 'scale' = {self.scale!r}: expected 0 < scale <= 1")
+        if not 0 <= self.min_solidity <= 1:
+            raise ConfigError(f"localize field 'min_solidity' = {self.min_solidity!r}: expected 0..1")
+
+
+def _kernel(px: int) -> np.ndarray | None:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (px, px)) if px > 1 else None
+
+
+class Localizer:
+    """Callable: BGR frame → list of fruit boxes (frame coordinates), left to right."""
+
+    def __init__(self, config: LocalizeConfig = LocalizeConfig()) -> None:
+        self.config = config
+        self._open = _kernel(config.open_px)
+        self._close = _kernel(config.close_px)
+
+    def region(self, frame: np.ndarray) -> Roi:
+        """The searched region (x, y, w, h): the ROI clipped to the frame, or the whole frame."""
+        fh, fw = frame.shape[:2]
+        if self.config.roi is None:
+            return (0, 0, fw, fh)
+        x, y, w, h = self.config.roi
+        x2, y2 = min(fw, x + w), min(fh, y + h)
+        if x >= fw or y >= fh:
+            raise ConfigError(f"roi = {self.config.roi}: outside the {fw}x{fh} frame")
+        return (x, y, x2 - x, y2 - y)
+
+    def mask(self, frame: np.ndarray) -> np.ndarray:
+        """The fruit mask of the ROI at mask scale (uint8 0/255) — what the boxes come from; for tuning."""
+        c = self.config
+        x, y, w, h = self.region(frame)
+        roi = frame[y:y + h, x:x + w]
+        if c.scale < 1:
+            roi = cv2.resize(roi, (max(1, round(w * c.scale)), max(1, round(h * c.scale))),
+                             interpolation=cv2.INTER_AREA)
+        hsv = cv2.cvtColor(roi, cv2.COLOR_BGR2HSV)
+        mask = cv2.inRange(hsv, (0, c.sat_min, c.val_min), (180, 255, 255))
+        if c.reject_skin and c.skin_sat_max > c.sat_min:
+            # Skin hues wrap around red: OpenCV hue 0..25 and 165..180 (of 180).
+            lo_s, hi_s, v = c.sat_min, c.skin_sat_max, c.skin_val_min
+            skin = cv2.inRange(hsv, (0, lo_s, v), (25, hi_s, 255)) | cv2.inRange(hsv, (165, lo_s, v), (180, hi_s, 255))
+            mask = cv2.subtract(mask, skin)
+        if self._open is not None:
+            mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, self._open)
+        if self._close is not None:
+            mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, self._close)
+        return mask
+
+    def __call__(self, frame: np.ndarray) -> list[Box]:
+        c = self.config
+        rx, ry, rw, rh = self.region(frame)
+        if c.full_frame:
+            return [Box(rx, ry, rw, rh, float(rw * rh), False)]
+        mask = self.mask(frame)
+        sx, sy = rw / mask.shape[1], rh / mask.shape[0]  # mask px → frame px
+        region_area = float(rw * rh)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        boxes = []
+        for cnt in contours:
+            area = cv2.contourArea(cnt) * sx * sy
+            if not c.min_area * region_area <= area <= c.max_area * region_area:
+                continue
+            if c.min_solidity > 0:
+                hull = cv2.contourArea(cv2.convexHull(cnt)) * sx * sy
+                # A fruit cut by the border is still convex; solidity only rejects ragged shapes.
+                if hull > 0 and area / hull < c.min_solidity:
+                    continue
+            bx, by, bw, bh = cv2.boundingRect(cnt)
+            x1, y1 = rx + int(np.floor(bx * sx)), ry + int(np.floor(by * sy))
+            x2, y2 = rx + min(rw, int(np.ceil((bx + bw) * sx))), ry + min(rh, int(np.ceil((by + bh) * sy)))
+            e = c.edge_px
+            edge = x1 - rx <= e or y1 - ry <= e or rx + rw - x2 <= e or ry + rh - y2 <= e
+            boxes.append(Box(x1, y1, x2 - x1, y2 - y1, float(area), bool(edge)))
+        boxes.sort(key=lambda b: b.x)
+        return boxes
+
+
+def crop(frame: np.ndarray, box: Box, margin: float = 0.3, aspect: float | None = None) -> np.ndarray:
+    """The box grown by `margin` of its size on every side, clipped to the frame (a view, no copy).
+
+    Training photos show a whole mango filling about 40-70 % of the long side with background
+    around it; a tight mask box would show the network something it never saw. A margin of 0.3
+    puts the fruit at ~60 % of the crop. `aspect` (width / height, e.g. 4/3 for a 24x32 input)
+    then widens the shorter side so the resize to the model input does not squash the fruit; a
+    box taller than wide gets the transposed aspect (Preprocess rotates portrait crops, as it does
+    portrait photos).
+    """
+    if margin < 0:
+        raise ConfigError(f"crop margin = {margin!r}: expected >= 0")
+    fh, fw = frame.shape[:2]
+    cw, ch = box.w * (1 + 2 * margin), box.h * (1 + 2 * margin)
+    if aspect:
+        want = aspect if cw >= ch else 1.0 / aspect  # target width / height
+        if cw / ch < want:
+            cw = ch * want
+        else:
+            ch = cw / want
+    cx, cy = box.center
+    x1, y1 = max(0, int(round(cx - cw / 2))), max(0, int(round(cy - ch / 2)))
+    x2, y2 = min(fw, int(round(cx + cw / 2))), min(fh, int(round(cy + ch / 2)))
+    return frame[y1:y2, x1:x2]

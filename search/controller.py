@@ -1,0 +1,215 @@
+"""The ENAS controller (paper §3.1): an autoregressive LSTM policy over the MNet macro space.
+
+Per layer i (1-based) two decisions, each one LSTMCell step:
+  op    softmax over the |ops| (kernel, dilation) pairs, input = the previous decision's embedding;
+  skip  attention of the current state over the earlier nodes plus a learned "none" key — i+1 choices
+        (ENAS macro: score_j = v·tanh(W1 h_j + W2 h_i)); input = the chosen op's embedding.
+The state after layer i's skip step is node i's anchor h_i; the stem (node 0) has a learned anchor.
+The chosen node's anchor (or a learned "none" embedding) is the input of the next op step, and a
+learned empty embedding starts the sequence. Logits pass through tanh_constant·tanh(logits/T).
+
+`Reinforce` trains it: loss = -(R - b)·log p(arch) - entropy_weight·H, Adam, moving-average baseline
+b ← decay·b + (1 - decay)·R. The baseline starts at the first reward rather than 0: with rewards in
+[0, 1] a zero start makes the first ~100 advantages all positive, reinforcing whatever was sampled.
+
+Controller learning rate. Table 1 gives 0.1; ENAS used 3.5e-4 (macro) / 1e-3. Measured on the tiny
+preset (bench/search_quality.py, section "controller_lr"): at 0.1 the policy entropy collapses to
+near zero within a few dozen steps, i.e. the controller commits to early, noisy one-minibatch
+rewards; at 1e-3 entropy decays gradually. The default is therefore 1e-3; `ControllerConfig.paper()`
+keeps Table 1's 0.1 for replication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnet.arch import Arch, SearchSpace
+from mnet.errors import ConfigError
+
+__all__ = ["ControllerConfig", "Controller", "Reinforce"]
+
+_Mode = Literal["sample", "argmax", "force"]
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    hidden: int = 100
+    lr: float = 1e-3  # measured; Table 1 says 0.1 (see module docstring)
+    steps: int = 5000  # Table 1
+    tanh_constant: float = 2.5
+    temperature: float = 5.0
+    entropy_weight: float = 1e-4
+    baseline_decay: float = 0.99
+    optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("hidden", self.hidden >= 1, "expected >= 1"),
+            ("lr", self.lr > 0, "expected > 0"),
+            ("steps", self.steps >= 0, "expected >= 0"),
+            ("tanh_constant", self.tanh_constant > 0, "expected > 0"),
+            ("temperature", self.temperature > 0, "expected > 0"),
+            ("entropy_weight", self.entropy_weight >= 0, "expected >= 0"),
+            ("baseline_decay", 0 <= self.baseline_decay < 1, "expected in [0, 1)"),
+            ("optimizer", self.optimizer == "adam", "expected adam (paper, Table 1)"),
+        ]
+        for name, ok, fix in checks:
+            if not ok:
+                raise ConfigError(f"controller option '{name}' = {getattr(self, name)!r}: {fix}")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "ControllerConfig":
+        """Table 1 as printed: Adam lr 0.1, 5000 steps."""
+        return cls(**{"lr": 0.1, "steps": 5000, **overrides})
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ControllerConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Controller(nn.Module):
+    """LSTM policy; `sample()`, `log_prob(arch)` and `argmax()` all walk the same `_decode`."""
+
+    def __init__(self, space: SearchSpace, cfg: ControllerConfig = ControllerConfig()):
+        super().__init__()
+        self.space, self.cfg = space, cfg
+        h = cfg.hidden
+        self.lstm = nn.LSTMCell(h, h)
+        self.g_emb = nn.Parameter(torch.empty(1, h))  # the empty embedding that starts the sequence
+        self.op_emb = nn.Embedding(space.num_ops, h)
+        self.op_soft = nn.Linear(h, space.num_ops)
+        self.stem_anchor = nn.Parameter(torch.empty(1, h))  # node 0 has no decision of its own
+        self.none_emb = nn.Parameter(torch.empty(1, h))  # next input after choosing "no skip"
+        self.none_key = nn.Parameter(torch.empty(1, h))  # attention key of "no skip"
+        self.w_attn_1 = nn.Linear(h, h, bias=False)  # keys from node anchors
+        self.w_attn_2 = nn.Linear(h, h, bias=False)  # query from the current state
+        self.v_attn = nn.Linear(h, 1, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # ENAS initialises every controller weight uniformly in [-0.1, 0.1]: small logits, a near
+        # uniform first policy.
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+
+    def _squash(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.cfg.tanh_constant * torch.tanh(logits / self.cfg.temperature)
+
+    def _decode(self, mode: _Mode, arch: Arch | None = None, generator: torch.Generator | None = None
+                ) -> tuple[Arch, torch.Tensor, torch.Tensor]:
+        """Walk the 2L decisions: choose (sample / argmax) or take `arch`'s (force).
+
+        Returns the arch, the summed log-probability of its decisions and the summed entropy of the
+        decision distributions along the way (both differentiable).
+        """
+        dev = self.g_emb.device
+        h = torch.zeros(1, self.cfg.hidden, device=dev)
+        c = torch.zeros_like(h)
+        x = self.g_emb
+        anchors, keys = [self.stem_anchor], [self.w_attn_1(self.stem_anchor)]
+        log_p = torch.zeros((), device=dev)
+        entropy = torch.zeros((), device=dev)
+        ops: list[int] = []
+        skips: list[int | None] = []
+
+        def decide(logits: torch.Tensor, forced: int) -> int:
+            nonlocal log_p, entropy
+            logp_all = F.log_softmax(self._squash(logits), dim=-1).view(-1)
+            if mode == "sample":
+                choice = int(torch.multinomial(logp_all.detach().exp(), 1, generator=generator))
+            elif mode == "argmax":
+                choice = int(logp_all.argmax())
+            else:
+                choice = forced
+            log_p = log_p + logp_all[choice]
+            entropy = entropy - (logp_all.exp() * logp_all).sum()
+            return choice
+
+        for i in range(1, self.space.num_layers + 1):
+            layer = arch.layers[i - 1] if arch is not None else None
+            # op decision
+            h, c = self.lstm(x, (h, c))
+            op = decide(self.op_soft(h), self.space.ops.index((layer.kernel, layer.dilation)) if layer else -1)
+            ops.append(op)
+            # skip decision: choice 0 = none, choice j + 1 = node j
+            h, c = self.lstm(self.op_emb.weight[op:op + 1], (h, c))
+            query = self.w_attn_2(h)
+            scores = self.v_attn(torch.tanh(torch.cat([self.none_key, *keys]) + query)).view(1, -1)
+            choice = decide(scores, (0 if layer.skip is None else layer.skip + 1) if layer else -1)
+            skips.append(None if choice == 0 else choice - 1)
+            x = self.none_emb if choice == 0 else anchors[choice - 1]
+            anchors.append(h)
+            keys.append(self.w_attn_1(h))
+        chosen = arch if mode == "force" else self.space.arch(ops, skips)
+        return chosen, log_p, entropy
+
+    def sample(self, generator: torch.Generator | None = None) -> tuple[Arch, torch.Tensor, torch.Tensor]:
+        """One architecture from the policy: (arch, summed log-prob, summed entropy)."""
+        return self._decode("sample", generator=generator)
+
+    def log_prob(self, arch: Arch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced (log p(arch), entropy along arch's decisions)."""
+        if not self.space.contains(arch):
+            raise ConfigError(f"arch is not in the controller's search space '{self.space.name}'")
+        _, log_p, entropy = self._decode("force", arch=arch)
+        return log_p, entropy
+
+    def argmax(self) -> tuple[Arch, torch.Tensor]:
+        """Greedy decoding: the most probable decision at each step, and its log-probability."""
+        arch, log_p, _ = self._decode("argmax")
+        return arch, log_p
+
+
+class Reinforce:
+    """Controller + Adam + moving-average baseline; `state_dict` makes a search resumable."""
+
+    def __init__(self, space: SearchSpace, cfg: ControllerConfig, seed: int = 0):
+        self.cfg = cfg
+        # The controller lives on the CPU whatever trains the supernet: 2L sequential LSTMCell steps
+        # of 100 units are launch-bound on a GPU, and CPU sampling is reproducible across machines.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # initial weights are part of the seeded run, global RNG untouched
+            self.controller = Controller(space, cfg)
+        self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=cfg.lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.baseline: float | None = None
+        self.step = 0
+
+    def sample(self) -> tuple[Arch, torch.Tensor, torch.Tensor]:
+        return self.controller.sample(self.generator)
+
+    def update(self, log_p: torch.Tensor, entropy: torch.Tensor, reward: float) -> dict[str, float]:
+        """One REINFORCE step on one sampled arch; returns what to log."""
+        if self.baseline is None:
+            self.baseline = float(reward)
+        advantage = float(reward) - self.baseline
+        loss = -advantage * log_p - self.cfg.entropy_weight * entropy
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.baseline = self.cfg.baseline_decay * self.baseline + (1 - self.cfg.baseline_decay) * float(reward)
+        self.step += 1
+        return {"advantage": advantage, "baseline": self.baseline, "loss": float(loss.detach())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.cfg),
+            "controller": self.controller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "baseline": self.baseline,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.baseline = None if state["baseline"] is None else float(state["baseline"])
+        self.step = int(state["step"])

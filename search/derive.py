@@ -1,0 +1,125 @@
+"""Deriving the final architecture from a search (paper §3.1 "Deriving Architectures").
+
+- best-of-N (paper): sample N architectures from the policy (or uniformly, for random search), score
+  each on one validation minibatch, keep the best. All N are scored on the *same* minibatch, so the
+  ranking compares architectures rather than the luck of their batches (ties: higher log-prob first).
+- argmax: the most probable decision at every step of the controller.
+
+Writes `RUN/arch.json` (exactly `Arch.to_json()`, what `mnet train --arch` reads), `RUN/topk.json`
+(best first: arch, reward, accuracy, log_prob, params, MACs and the reward's extras) and
+`RUN/derive.json` (how it was derived). Derivation draws from generators seeded from the search seed,
+so `mnet derive RUN` repeats the search's own derivation exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from mnet.arch import Arch, SearchSpace
+from mnet.errors import ConfigError
+from mnet.io import write_json
+from mnet.search.controller import Controller
+from mnet.search.supernet import Evaluator, RewardFn
+
+__all__ = ["Candidate", "best_of_n", "derive", "write_derived", "derive_run", "DERIVE_SEED_OFFSET"]
+
+# Derivation's generators are seeded at seed + offset: independent of the training draws.
+DERIVE_SEED_OFFSET = 7919
+
+Propose = Callable[[], "tuple[Arch, Optional[float]]"]
+OnSample = Optional[Callable[[int, int], None]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: Arch
+    reward: float
+    accuracy: float
+    log_prob: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch.to_json(), "reward": self.reward, "accuracy": self.accuracy,
+                "log_prob": self.log_prob, "params": self.arch.num_params(), "macs": self.arch.macs(), **self.extras}
+
+
+def best_of_n(propose: Propose, evaluator: Evaluator, n: int, batch: tuple[torch.Tensor, torch.Tensor],
+              on_sample: OnSample = None) -> list[Candidate]:
+    """Propose `n` architectures, score each on `batch`, return the distinct ones best first."""
+    scored: dict[Arch, Candidate] = {}
+    for i in range(1, n + 1):
+        arch, log_p = propose()
+        if arch not in scored:  # a repeat has the same score on the same batch
+            s = evaluator(arch, batch)
+            scored[arch] = Candidate(arch, s.reward, s.accuracy, log_p, s.extras)
+        if on_sample is not None:
+            on_sample(i, n)
+    return sorted(scored.values(), key=lambda c: (-c.reward, -(c.log_prob if c.log_prob is not None else 0.0)))
+
+
+def derive(space: SearchSpace, evaluator: Evaluator, controller: Controller | None, *, samples: int,
+           argmax: bool = False, seed: int = 0, on_sample: OnSample = None) -> list[Candidate]:
+    """Candidates best first: from `controller`'s policy, or uniformly from `space` when it is None."""
+    batch = evaluator.val_data.sample_batch(evaluator.batch_size,
+                                            torch.Generator().manual_seed(seed + DERIVE_SEED_OFFSET))
+    if argmax:
+        if controller is None:
+            raise ConfigError("--argmax needs a controller, and a random search has none; use --samples N")
+        with torch.no_grad():
+            arch, log_p = controller.argmax()
+        s = evaluator(arch, batch)
+        if on_sample is not None:
+            on_sample(1, 1)
+        return [Candidate(arch, s.reward, s.accuracy, float(log_p), s.extras)]
+    if samples < 1:
+        raise ConfigError(f"--samples {samples}: expected at least 1 architecture to score")
+    if controller is not None:
+        gen = torch.Generator().manual_seed(seed + DERIVE_SEED_OFFSET)
+
+        def propose() -> tuple[Arch, float | None]:
+            with torch.no_grad():
+                arch, log_p, _ = controller.sample(gen)
+            return arch, float(log_p)
+    else:
+        rng = random.Random(seed + DERIVE_SEED_OFFSET)
+
+        def propose() -> tuple[Arch, float | None]:
+            return space.sample(rng), None
+    return best_of_n(propose, evaluator, samples, batch, on_sample)
+
+
+def write_derived(out: str | os.PathLike, candidates: list[Candidate], meta: dict[str, Any], topk: int = 10
+                  ) -> Candidate:
+    """arch.json (pure Arch), topk.json and derive.json; returns the best candidate."""
+    out = Path(out)
+    best = candidates[0]
+    write_json(out / "arch.json", best.arch.to_json())
+    write_json(out / "topk.json", [c.to_json() for c in candidates[:topk]])
+    write_json(out / "derive.json", {**meta, "candidates": len(candidates), "best": best.to_json()})
+    return best
+
+
+def derive_run(run: str | os.PathLike, *, samples: int | None = None, argmax: bool = False,
+               reward: RewardFn | None = None, device: str = "auto", splits=None,
+               on_sample: OnSample = None) -> Candidate:
+    """Re-derive from a search directory's saved supernet (and controller), rewriting its outputs."""
+    from mnet.search.enas import open_run  # enas imports this module for its own final derivation
+
+    opened = open_run(run, reward=reward, device=device, splits=splits)
+    cfg = opened.config
+    controller = opened.agent.controller if opened.agent is not None else None
+    n = samples if samples is not None else cfg.derive_budget
+    candidates = derive(opened.space, opened.evaluator, controller, samples=n, argmax=argmax, seed=cfg.seed,
+                        on_sample=on_sample)
+    return write_derived(run, candidates, derive_meta(cfg.strategy, n, argmax, cfg), cfg.topk)
+
+
+def derive_meta(strategy: str, samples: int, argmax: bool, cfg) -> dict[str, Any]:
+    return {"strategy": strategy, "method": "argmax" if argmax else "best-of-n",
+            "samples": 1 if argmax else samples, "minibatch": cfg.batch_size, "bn": cfg.bn, "seed": cfg.seed}

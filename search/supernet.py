@@ -1,0 +1,273 @@
+"""The ENAS supernet: every (layer, op) owns its weights; a forward runs one sampled architecture.
+
+Layer i holds one `SepConv` per op of the search space, built exactly as the standalone `MNet` builds
+it (kernel cropped to layer i's feature size), so a sampled sub-network's weights copy 1:1 into
+`MNet(arch)` (`child_state_dict`, `child`) and give identical outputs. Skips have no weights: any
+earlier node can be added, and `forward` is `search.ops.forward_arch` — the one forward both use.
+
+BatchNorm. Each (layer, op) has its own BN (ENAS practice), but what an op sees depends on the path
+before it (earlier ops, skips), so running statistics accumulated while training many paths describe
+a mixture, not the sampled path. How a sampled path is scored is therefore a choice (`BN_MODES`):
+
+- ``batch``  — normalise with the statistics of the scored minibatch itself (running stats untouched).
+  This is what ENAS implementations do in practice (the child is effectively in training mode) and
+  costs one forward. Default.
+- ``running`` — eval mode with the shared running statistics: one forward, but biased by the mixture.
+- ``recalibrate`` — reset the path's running statistics and re-estimate them on a few training
+  batches, then eval mode: the most faithful and the slowest (extra forwards per arch).
+
+Measured on the tiny preset (bench/search_quality.py, section "bn_modes"): Kendall τ between each
+mode's one-minibatch accuracy and the recalibrated full-validation accuracy of the same architectures
+— see the bench JSON; ``batch`` tracked it far better than ``running`` at no extra cost, hence the
+default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from mnet.arch import Arch, Layer, SearchSpace
+from mnet.errors import CheckpointError, ConfigError
+from mnet.search.batches import DeviceData
+from mnet.search.checkpoint import FORMAT
+from mnet.search.model import MNet
+from mnet.search.ops import Head, SepConv, Stem, forward_arch
+from mnet.search.train import autocast
+
+__all__ = [
+    "BN_MODES",
+    "Supernet",
+    "space_to_json",
+    "space_from_json",
+    "batch_stats",
+    "recalibrate_bn",
+    "load_supernet",
+    "RewardFn",
+    "accuracy_reward",
+    "Score",
+    "Evaluator",
+]
+
+BN_MODES = ("batch", "running", "recalibrate")
+
+# reward(arch, accuracy) -> (reward, extras): extras (e.g. a predicted latency) are logged per sample
+# and stored with the top-k. The latency-aware reward R = acc x (LAT/T)^w plugs in here.
+RewardFn = Callable[[Arch, float], tuple[float, dict[str, Any]]]
+
+
+def accuracy_reward(arch: Arch, accuracy: float) -> tuple[float, dict[str, Any]]:
+    """The paper's reward: the accuracy on one validation minibatch, nothing else."""
+    return accuracy, {}
+
+
+def space_to_json(space: SearchSpace) -> dict[str, Any]:
+    return {
+        "name": space.name,
+        "num_layers": space.num_layers,
+        "width": space.width,
+        "input_hw": list(space.input_hw),
+        "stem_stride": space.stem_stride,
+        "num_classes": space.num_classes,
+        "ops": [list(op) for op in space.ops],
+        "reductions": list(space.reductions),
+    }
+
+
+def space_from_json(d: dict[str, Any]) -> SearchSpace:
+    return SearchSpace(
+        name=d["name"],
+        num_layers=int(d["num_layers"]),
+        width=int(d["width"]),
+        input_hw=tuple(d["input_hw"]),
+        stem_stride=int(d["stem_stride"]),
+        num_classes=int(d["num_classes"]),
+        ops=tuple(tuple(op) for op in d["ops"]),
+        reductions=tuple(d["reductions"]),
+    )
+
+
+class Supernet(nn.Module):
+    """Stem, L×|ops| candidate `SepConv`s and the head; `forward(x, arch)` runs only `arch`'s path."""
+
+    def __init__(self, space: SearchSpace, dropout: float = 0.0):
+        super().__init__()
+        self.space = space
+        # Feature sizes do not depend on the choices, only on the skeleton.
+        skeleton = space.skeleton([Layer(*space.ops[0])] * space.num_layers)
+        self.stem = Stem(space.width, space.stem_stride)
+        self.cells = nn.ModuleList(
+            nn.ModuleList(SepConv(space.width, k, d, skeleton.node_hw(i)) for k, d in space.ops)
+            for i in range(1, space.num_layers + 1)
+        )
+        self.head = Head(space.width, space.num_classes, dropout)
+
+    def _check(self, arch: Arch) -> None:
+        if not self.space.contains(arch) or arch.num_classes != self.space.num_classes:
+            raise ConfigError(f"arch {arch.to_json()} is not in the supernet's search space '{self.space.name}' "
+                              f"({self.space.num_layers} layers, width {self.space.width}, input "
+                              f"{list(self.space.input_hw)}, {self.space.num_classes} classes)")
+
+    def path(self, arch: Arch) -> list[SepConv]:
+        """The op module each layer of `arch` uses."""
+        return [self.cells[i][self.space.ops.index((layer.kernel, layer.dilation))]
+                for i, layer in enumerate(arch.layers)]
+
+    def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        return self.head(forward_arch(x, arch, self.stem, self.path(arch)))
+
+    def path_modules(self, arch: Arch) -> Iterator[nn.Module]:
+        """Every module the forward of `arch` touches (for BN handling of that path only)."""
+        yield self.stem
+        yield from self.path(arch)
+        yield self.head
+
+    def child_state_dict(self, arch: Arch) -> dict[str, torch.Tensor]:
+        """`arch`'s shared weights under `MNet(arch)`'s names (cells.{i}.{op}.x → cells.{i}.x); copies."""
+        self._check(arch)
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in (("stem", self.stem), ("head", self.head)):
+            out.update({f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+        for i, cell in enumerate(self.path(arch)):
+            out.update({f"cells.{i}.{k}": v.detach().clone() for k, v in cell.state_dict().items()})
+        return out
+
+    def child(self, arch: Arch, dropout: float = 0.0) -> MNet:
+        """A standalone `MNet(arch)` holding copies of the supernet's weights for `arch`."""
+        model = MNet(arch, dropout=dropout)
+        model.load_state_dict(self.child_state_dict(arch))
+        return model.to(next(self.parameters()).device)
+
+
+@contextlib.contextmanager
+def batch_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, BatchNorms in `modules` normalise with batch statistics and update nothing.
+
+    Torch uses batch statistics whenever a BN has no running buffers, and then also has nothing to
+    update; so the buffers are detached for the duration and put back after. Dropout and the rest of
+    the model keep their mode (call this in eval mode for a clean score).
+    """
+    saved = []
+    for m in modules:
+        for bn in m.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                saved.append((bn, bn.running_mean, bn.running_var))
+                bn.running_mean, bn.running_var = None, None
+    try:
+        yield
+    finally:
+        for bn, mean, var in saved:
+            bn.running_mean, bn.running_var = mean, var
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, forward, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate the running statistics of every BN in `model` as the exact average over `batches`.
+
+    `forward(x)` runs the network (e.g. `lambda x: supernet(x, arch)`); only BNs on its path see data,
+    so with a supernet pass `model=` the path's modules to leave the others alone.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    state = [(bn, bn.momentum, bn.training) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: the plain mean over the batches seen
+        bn.train()
+    try:
+        for x in batches:
+            forward(x)
+    finally:
+        for bn, momentum, training in state:
+            bn.momentum = momentum
+            bn.train(training)
+
+
+def load_supernet(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Supernet, dict]:
+    """A supernet checkpoint (`RUN/supernet.pt`) alone: the network with its weights, and the raw dict."""
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"supernet checkpoint not found: {path}; run `mnet search` first") from None
+    except Exception as e:  # torch raises many types for corrupt / foreign files
+        raise CheckpointError(f"{path}: not a loadable supernet checkpoint ({type(e).__name__}: {str(e)[:200]})") \
+            from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("kind") != "supernet":
+        raise CheckpointError(f"{path}: not an mnet supernet checkpoint (written by `mnet search`)")
+    net = Supernet(space_from_json(raw["space"]))
+    try:
+        net.load_state_dict(raw["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its search space ({str(e)[:200]})") from None
+    return net.to(map_location), raw
+
+
+@dataclass(frozen=True)
+class Score:
+    reward: float
+    accuracy: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Scores a sampled path: accuracy on one validation minibatch, then the reward hook.
+
+    Minibatches come from its own seeded generator (`state_dict` keeps it), so a resumed search
+    draws the same batches. `bn` picks how BatchNorm normalises the path (module docstring);
+    ``recalibrate`` uses `calib_batches` fixed batches of `calib_data` (the supernet's train part).
+    """
+
+    def __init__(self, supernet: Supernet, val_data: DeviceData, batch_size: int, *,
+                 reward: RewardFn | None = None, bn: str = "batch", amp: bool = False, seed: int = 0,
+                 calib_data: DeviceData | None = None, calib_batches: int = 4):
+        if bn not in BN_MODES:
+            raise ConfigError(f"bn mode {bn!r}: expected one of {', '.join(BN_MODES)}")
+        if bn == "recalibrate" and calib_data is None:
+            raise ConfigError("bn mode 'recalibrate' needs calib_data (training images)")
+        self.supernet, self.val_data, self.batch_size = supernet, val_data, batch_size
+        self.reward, self.bn, self.amp = reward or accuracy_reward, bn, amp
+        self.generator = torch.Generator().manual_seed(seed)
+        self._calib: list[torch.Tensor] = []
+        if bn == "recalibrate":
+            gen = torch.Generator().manual_seed(seed + 1)
+            self._calib = [x for x, _ in itertools.islice(
+                calib_data.batches(batch_size, shuffle=True, generator=gen), calib_batches)]
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next validation minibatch (without replacement inside it)."""
+        return self.val_data.sample_batch(self.batch_size, self.generator)
+
+    @torch.no_grad()
+    def logits(self, arch: Arch, x: torch.Tensor) -> torch.Tensor:
+        device = x.device
+        if self.bn == "recalibrate":
+            # A standalone copy: the recalibrated statistics must not leak into the shared weights.
+            model = self.supernet.child(arch)
+            with autocast(device, self.amp):
+                recalibrate_bn(model, model, self._calib)
+                return model.eval()(x).float()
+        self.supernet.eval()
+        stats = batch_stats(self.supernet.path_modules(arch)) if self.bn == "batch" else contextlib.nullcontext()
+        with stats, autocast(device, self.amp):
+            return self.supernet(x, arch).float()
+
+    def accuracy(self, arch: Arch, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((self.logits(arch, x).argmax(1) == y).float().mean())
+
+    def __call__(self, arch: Arch, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> Score:
+        """Score `arch` on `batch`, or on the next validation minibatch."""
+        x, y = batch if batch is not None else self.batch()
+        acc = self.accuracy(arch, x, y)
+        reward, extras = self.reward(arch, acc)
+        return Score(float(reward), acc, dict(extras))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
