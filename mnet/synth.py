@@ -28,8 +28,8 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -696,6 +696,18 @@ def _render_chunk(folder: str, seed: int, split: str, jobs: list[tuple[int, str,
     return len(jobs)
 
 
+def _make_tmp_dir(out: Path) -> Path:
+    """A fresh sibling `<out>.tmp-XXXXXXXX`; os.mkdir (unlike mkdtemp) keeps the umask's permissions."""
+    for _ in range(100):
+        cand = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            cand.mkdir()
+            return cand
+        except FileExistsError:
+            continue
+    raise DataError(f"{out.parent}: could not create a temporary directory next to {out.name}")
+
+
 def _check_out_dir(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
@@ -744,7 +756,7 @@ def synthesize(
     width = max(5, len(str(max(total - 1, 0))))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp = _make_tmp_dir(out)
     try:
         plans: dict[str, list[tuple[int, str, str, str]]] = {}
         first_id = 0

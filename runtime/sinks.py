@@ -225,7 +225,8 @@ def parse_mqtt_uri(uri: str) -> tuple[str, int, str, str | None, str | None, boo
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ConfigError(f"mqtt = {uri!r}: expected mqtt://host[:port]/topic (or mqtts:// for TLS)")
     tls = parts.scheme == "mqtts"
-    topic = unquote(parts.path.lstrip("/"))
+    # The topic is everything after the host, taken raw: urlsplit would read a '#' wildcard as a fragment.
+    topic = unquote(uri.split("://", 1)[1].partition("/")[2])
     if not parts.hostname or not topic:
         raise ConfigError(f"mqtt = {uri!r}: needs a host and a topic, e.g. mqtt://broker:1883/factory/line1/grades")
     if any(ch in topic for ch in "+#"):

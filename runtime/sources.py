@@ -409,9 +409,11 @@ class _LiveSource(Source):
     @property
     def streaming(self) -> bool:
         with self._cond:
-            return self._alive or self._seq > self._taken
+            return not self._closed.is_set() and (self._alive or self._seq > self._taken)
 
     def read(self, timeout: float | None = None) -> Capture:
+        if self._closed.is_set():
+            return Capture(Status.EOS)
         self._pace()
         timeout = self.timeout_s if timeout is None else timeout
         with self._cond:

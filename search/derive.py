@@ -27,7 +27,7 @@ from mnet.io import write_json
 from mnet.search.controller import Controller
 from mnet.search.supernet import Evaluator, RewardFn
 
-__all__ = ["Candidate", "best_of_n", "derive", "write_derived", "derive_run", "DERIVE_SEED_OFFSET"]
+__all__ = ["Candidate", "best_of_n", "derive", "derive_meta", "write_derived", "derive_run", "DERIVE_SEED_OFFSET"]
 
 # Derivation's generators are seeded at seed + offset: independent of the training draws.
 DERIVE_SEED_OFFSET = 7919
@@ -106,12 +106,17 @@ def write_derived(out: str | os.PathLike, candidates: list[Candidate], meta: dic
 
 
 def derive_run(run: str | os.PathLike, *, samples: int | None = None, argmax: bool = False,
-               reward: RewardFn | None = None, device: str = "auto", splits=None,
+               reward: RewardFn | None = None, device: str = "auto", splits=None, opened=None,
                on_sample: OnSample = None) -> Candidate:
-    """Re-derive from a search directory's saved supernet (and controller), rewriting its outputs."""
-    from mnet.search.enas import open_run  # enas imports this module for its own final derivation
+    """Re-derive from a search directory's saved supernet (and controller), rewriting its outputs.
 
-    opened = open_run(run, reward=reward, device=device, splits=splits)
+    `opened` is `mnet.search.enas.open_run(run, ...)` when the caller has it already (then `reward`,
+    `device` and `splits` were given to that call).
+    """
+    if opened is None:
+        from mnet.search.enas import open_run  # enas imports this module for its own final derivation
+
+        opened = open_run(run, reward=reward, device=device, splits=splits)
     cfg = opened.config
     controller = opened.agent.controller if opened.agent is not None else None
     n = samples if samples is not None else cfg.derive_budget
@@ -121,5 +126,6 @@ def derive_run(run: str | os.PathLike, *, samples: int | None = None, argmax: bo
 
 
 def derive_meta(strategy: str, samples: int, argmax: bool, cfg) -> dict[str, Any]:
+    """derive.json's description of how the candidates were drawn (`cfg` is the SearchConfig)."""
     return {"strategy": strategy, "method": "argmax" if argmax else "best-of-n",
             "samples": 1 if argmax else samples, "minibatch": cfg.batch_size, "bn": cfg.bn, "seed": cfg.seed}

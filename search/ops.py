@@ -22,7 +22,8 @@ class SepConv(nn.Module):
     def __init__(self, channels: int, kernel: int, dilation: int, hw: tuple[int, int]):
         super().__init__()
         kh, kw = cropped_kernel(kernel, dilation, *hw)
-        self.kernel, self.dilation = kernel, dilation
+        self.kernel, self.dilation, self.hw = kernel, dilation, tuple(hw)
+        self.dense = False  # True: the exact dense form (search.dense); chosen by timing, never exported
         self.dw = nn.Conv2d(channels, channels, (kh, kw), padding=(dilation * (kh // 2), dilation * (kw // 2)),
                             dilation=dilation, groups=channels, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
@@ -30,7 +31,14 @@ class SepConv(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.pw(self.bn1(self.dw(F.relu(x)))))
+        x = F.relu(x)
+        if self.dense:
+            from mnet.search.dense import dense_depthwise
+
+            x = dense_depthwise(x, self.dw.weight, self.dilation)
+        else:
+            x = self.dw(x)
+        return self.bn2(self.pw(self.bn1(x)))
 
 
 class Stem(nn.Module):

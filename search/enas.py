@@ -1,0 +1,606 @@
+"""The search loop: the space (supernet), the strategy (controller or uniform) and the evaluator meet
+in `search()`. Read top to bottom: config → `search()` → the two stages (`SupernetTrainer.train_epoch`,
+`train_controller`) → run files (checkpoints, metrics, resume).
+
+Schedules (DESIGN "ENAS"):
+- ``two-stage`` (default, the paper's practical process): the supernet trains with uniformly sampled
+  paths for E epochs, then the controller trains for S steps against the frozen supernet. The saved
+  supernet knows nothing of the controller, so it can be re-searched (e.g. with a latency reward) by
+  `train_controller` alone.
+- ``alternating`` (original ENAS): one pass over the supernet's data with paths sampled from the
+  controller (m = 1 per minibatch), then a block of S/E controller steps; E times.
+
+Strategies: ``enas`` (the controller) or ``random`` — the same supernet, trained the same way, then
+scoring `derive_samples + controller_steps` uniform architectures: as many one-minibatch evaluations
+as ENAS spends on controller samples plus its own derivation, so the comparison is at equal budget.
+
+Data: the dataset's train split is divided once (stratified, seeded) into 80% for the supernet's
+weights and 20% for rewards; the dev and test splits are never seen by the search.
+
+Resume: `supernet.pt` holds the supernet, its optimizer, the stage position (epoch, batch) and every
+random draw the supernet stage makes; `controller.pt` the same for the controller stage. Both are
+written atomically at epoch ends / every `checkpoint_every` controller steps, and on Ctrl-C (deferred
+to the next step boundary, so the state saved is consistent) before re-raising. A resumed seeded CPU
+run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mnet.arch import Arch, SearchSpace, get_preset
+from mnet.data import Split
+from mnet.errors import CheckpointError, ConfigError, DataError
+from mnet.io import write_json
+from mnet.preprocess import Preprocess
+from mnet.search.batches import DeviceData
+from mnet.search.checkpoint import FORMAT, save_checkpoint
+from mnet.search.controller import ControllerConfig, Reinforce
+from mnet.search.derive import Candidate, derive, derive_meta, write_derived
+from mnet.search.supernet import BN_MODES, Evaluator, RewardFn, Supernet, space_from_json, space_to_json
+from mnet.search.train import autocast, load_splits, resolve_device
+
+__all__ = [
+    "STRATEGIES",
+    "SCHEDULES",
+    "SearchConfig",
+    "SearchResult",
+    "Progress",
+    "search",
+    "check_run_dir",
+    "split_train_val",
+    "supernet_step",
+    "SupernetTrainer",
+    "train_controller",
+    "open_run",
+    "OpenRun",
+]
+
+STRATEGIES = ("enas", "random")
+SCHEDULES = ("two-stage", "alternating")
+
+# Every random stream has its own generator, seeded at seed + offset: streams that share a seed would
+# draw the same numbers for different purposes.
+_ARCH_SEED, _EVAL_SEED, _AGENT_SEED = 1, 2, 3
+
+# progress(stage, done, total, info): stage is "batch" (within a supernet epoch), "supernet" (an epoch
+# ended, info = its metrics), "controller" (a step ended, info = its metrics) or "derive".
+Progress = Optional[Callable[[str, int, int, dict], None]]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    preset: str = "mnet-24-32"
+    strategy: str = "enas"
+    schedule: str = "two-stage"
+    supernet_epochs: int = 100  # Table 1
+    derive_samples: int = 100
+    batch_size: int = 128  # Table 1; also the reward minibatch
+    lr: float = 0.01  # Table 1: supernet SGD
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # ENAS anneals the shared weights; "constant" keeps Table 1's 0.01
+    flip_p: float = 0.5  # paper §4: horizontal flip augmentation
+    controller: ControllerConfig = ControllerConfig()
+    bn: str = "batch"  # how a sampled path is scored: see search/supernet.py
+    val_fraction: float = 0.2
+    checkpoint_every: int = 100  # controller steps between saves
+    topk: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)  # raises naming the presets
+        checks = [
+            ("strategy", self.strategy in STRATEGIES, f"expected one of {', '.join(STRATEGIES)}"),
+            ("schedule", self.schedule in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}"),
+            ("schedule", not (self.strategy == "random" and self.schedule == "alternating"),
+             "alternating trains a controller between supernet epochs and random search has none; "
+             "use --schedule two-stage"),
+            ("supernet_epochs", self.supernet_epochs >= 1, "expected >= 1"),
+            ("derive_samples", self.derive_samples >= 1, "expected >= 1"),
+            ("batch_size", self.batch_size >= 2, "expected >= 2 (BatchNorm needs a batch)"),
+            ("lr", self.lr > 0, "expected > 0"),
+            ("momentum", 0 <= self.momentum < 1, "expected in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "expected >= 0"),
+            ("lr_schedule", self.lr_schedule in ("cosine", "constant"), "expected cosine or constant"),
+            ("flip_p", 0 <= self.flip_p <= 1, "expected in [0, 1]"),
+            ("bn", self.bn in BN_MODES, f"expected one of {', '.join(BN_MODES)}"),
+            ("val_fraction", 0 < self.val_fraction < 1, "expected in (0, 1)"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "expected >= 1"),
+            ("topk", self.topk >= 1, "expected >= 1"),
+            ("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             "expected auto, cpu or cuda"),
+        ]
+        for name, ok, fix in checks:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"search option {flag} = {getattr(self, name)!r}: {fix}")
+
+    @property
+    def controller_steps(self) -> int:
+        return self.controller.steps
+
+    @property
+    def derive_budget(self) -> int:
+        """Architectures scored at derivation: random search also gets ENAS's controller samples."""
+        return self.derive_samples + (self.controller.steps if self.strategy == "random" else 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SearchConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["controller"] = ControllerConfig.from_json(kw.get("controller") or {})
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    out: Path
+    arch: Arch
+    best: Candidate
+    seconds: float
+    device: str
+
+
+def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None, resume: bool = False,
+           splits: dict[str, Split] | None = None, progress: Progress = None, plots: bool = True) -> SearchResult:
+    """Search DATA's train split for an architecture; writes everything under `out` (module docstring).
+
+    `reward(arch, accuracy) -> (reward, extras)` replaces the plain accuracy reward (extras are logged
+    per sample and kept with the top-k); `splits` passes an already loaded {"train": Split}.
+    """
+    out = Path(out)
+    check_run_dir(out, resume)
+    device = resolve_device(cfg.device)
+    report = progress or (lambda *_: None)
+
+    # data: 80% of the train split trains the supernet, the other 20% scores architectures
+    space = get_preset(cfg.preset)
+    preprocess = Preprocess(space.input_hw)
+    train_split = (splits or load_splits(data_root, preprocess, ("train",)))["train"]
+    space = space.with_classes(len(train_split.classes))
+    train_idx, val_idx = split_train_val(train_split.labels, cfg.val_fraction, cfg.seed)
+    train_data = DeviceData(train_split, preprocess, device, train_idx)
+    val_data = DeviceData(train_split, preprocess, device, val_idx)
+
+    # space, strategy, evaluator
+    trainer = SupernetTrainer(space, train_data, cfg, device)
+    agent = Reinforce(space, cfg.controller, cfg.seed + _AGENT_SEED) if cfg.strategy == "enas" else None
+    evaluator = Evaluator(trainer.supernet, val_data, cfg.batch_size, reward=reward, bn=cfg.bn, amp=cfg.amp,
+                          seed=cfg.seed + _EVAL_SEED, calib_data=train_data)
+    files = _RunFiles(out, cfg, {
+        "dataset": str(Path(data_root).resolve()) if data_root is not None else None,
+        "classes": list(train_split.classes),
+        "preprocess": preprocess.to_json(),
+        "space": space_to_json(space),
+        "val_indices": torch.from_numpy(val_idx),
+    })
+    if resume:
+        files.restore(trainer, agent, evaluator)
+    else:
+        files.start()
+
+    # the schedule; every step boundary may save (periodically, or on Ctrl-C) and report progress
+    def on_batch(done: int, total: int) -> None:
+        report("batch", done, total, {"epoch": trainer.epoch + 1})
+        interrupt.check()
+
+    def end_epoch(record: dict) -> None:
+        files.log(record)
+        files.save_supernet(trainer)
+        report("supernet", trainer.epoch, cfg.supernet_epochs, record)
+        interrupt.check()
+
+    def on_step(record: dict) -> None:
+        files.controller_seconds += record["seconds"]
+        files.log(record)
+        if agent.step % cfg.checkpoint_every == 0:
+            files.save_controller(agent, evaluator)
+        report("controller", agent.step, cfg.controller_steps, record)
+        interrupt.check()
+
+    def uniform() -> Arch:
+        return space.sample(trainer.arch_rng)
+
+    def from_policy() -> Arch:
+        with torch.no_grad():
+            return agent.controller.sample(trainer.arch_gen)[0]
+
+    interrupt = _DeferredInterrupt()
+    try:
+        with interrupt:
+            if cfg.schedule == "two-stage":
+                while trainer.epoch < cfg.supernet_epochs:
+                    end_epoch(trainer.train_epoch(uniform, on_batch))
+                if agent is not None:
+                    train_controller(agent, evaluator, cfg.controller_steps, on_step=on_step)
+                    files.save_controller(agent, evaluator)
+            else:  # alternating: pass e over the data with the policy's paths, then controller block e
+                block_end = lambda epoch: round(cfg.controller_steps * epoch / cfg.supernet_epochs)  # noqa: E731
+                files.check_alternating(trainer, agent, block_end)
+                while True:
+                    if trainer.batch == 0 and agent.step < block_end(trainer.epoch):
+                        train_controller(agent, evaluator, block_end(trainer.epoch), on_step=on_step)
+                        files.save_controller(agent, evaluator)
+                    if trainer.epoch == cfg.supernet_epochs:
+                        break
+                    end_epoch(trainer.train_epoch(from_policy, on_batch))
+    except KeyboardInterrupt:
+        files.save_supernet(trainer)
+        if agent is not None:
+            files.save_controller(agent, evaluator)
+        raise
+
+    # derive: best-of-N from the policy (or uniform for random search), written as arch.json + topk
+    t0 = time.time()
+    n = cfg.derive_budget
+    candidates = derive(space, evaluator, agent.controller if agent else None, samples=n, seed=cfg.seed,
+                        on_sample=lambda i, total: report("derive", i, total, {}))
+    best = write_derived(out, candidates, derive_meta(cfg.strategy, n, False, cfg), cfg.topk)
+    seconds = files.finish(trainer, agent, best, time.time() - t0, device, plots)
+    return SearchResult(out, best.arch, best, seconds, str(device))
+
+
+def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of indices into (supernet part, reward part), each sorted."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(len(idx) * val_fraction))
+        val.append(idx[:k])
+        train.append(idx[k:])
+    train_idx, val_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    if not len(train_idx) or not len(val_idx):
+        raise DataError(f"the train split has {len(labels)} images: too few to hold out --val-fraction "
+                        f"{val_fraction} for rewards; add images or change --val-fraction")
+    return train_idx, val_idx
+
+
+# --- stage 1: the supernet ------------------------------------------------------------------------
+
+def supernet_step(supernet: Supernet, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  arch: Arch, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of `arch`'s path (m = 1); returns (loss, correct) on the device, unsynchronised.
+
+    Gradients are set to None, not zero, so SGD skips the ops off the path entirely: no weight decay
+    or momentum moves weights that did not take part.
+    """
+    with autocast(x.device, amp):
+        logits = supernet(x, arch)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+
+class SupernetTrainer:
+    """The supernet, its SGD, and its stage's position and random draws (resumable mid-epoch)."""
+
+    def __init__(self, space: SearchSpace, data: DeviceData, cfg: SearchConfig, device: torch.device):
+        self.cfg, self.data = cfg, data
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # initial weights are part of the seeded run
+            self.supernet = Supernet(space).to(device)
+        self.optimizer = torch.optim.SGD(self.supernet.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)  # shuffles and flips
+        self.arch_rng = random.Random(cfg.seed)  # uniform paths (two-stage)
+        self.arch_gen = torch.Generator().manual_seed(cfg.seed + _ARCH_SEED)  # policy paths (alternating)
+        self.epoch, self.batch = 0, 0  # epochs done; batches done in the current epoch
+        self._epoch_start = self.data_gen.get_state()
+        self._loss_sum = torch.zeros((), device=device)
+        self._correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seconds = 0.0
+        self.dirty = False  # changed since the last save
+
+    def lr(self) -> float:
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        return 0.5 * self.cfg.lr * (1 + math.cos(math.pi * self.epoch / self.cfg.supernet_epochs))
+
+    def train_epoch(self, sample_arch: Callable[[], Arch], on_batch: Callable[[int, int], None]) -> dict:
+        """One pass over the data (or what is left of it after a mid-epoch resume); the epoch's metrics."""
+        t0 = time.time()
+        if self.batch == 0:
+            self._epoch_start = self.data_gen.get_state()
+        else:  # resumed mid-epoch: replay the epoch's shuffle and flips up to where it stopped
+            self.data_gen.set_state(self._epoch_start)
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = self.data.num_batches(self.cfg.batch_size)
+        batches = self.data.batches(self.cfg.batch_size, shuffle=True, flip_p=self.cfg.flip_p,
+                                    generator=self.data_gen)
+        for _ in range(self.batch):
+            next(batches)
+        self.supernet.train()
+        for x, y in batches:
+            loss, correct = supernet_step(self.supernet, self.optimizer, x, y, sample_arch(), self.cfg.amp)
+            self._loss_sum += loss * len(y)
+            self._correct += correct
+            self.batch += 1
+            self.dirty = True
+            self.seconds += time.time() - t0
+            t0 = time.time()
+            on_batch(self.batch, total)
+        record = {"stage": "supernet", "epoch": self.epoch + 1, "lr": lr,
+                  "loss": float(self._loss_sum) / len(self.data), "acc": float(self._correct) / len(self.data)}
+        self.epoch, self.batch = self.epoch + 1, 0
+        self._loss_sum.zero_()
+        self._correct.zero_()
+        self.seconds += time.time() - t0
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        gauss = self.arch_rng.getstate()
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.supernet.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "position": {"epoch": self.epoch, "batch": self.batch, "loss_sum": self._loss_sum.cpu(),
+                         "correct": self._correct.cpu()},
+            "rng": {"epoch_start": self._epoch_start, "data": self.data_gen.get_state(),
+                    "arch_gen": self.arch_gen.get_state(),
+                    "arch_rng": {"version": gauss[0], "state": list(gauss[1]), "gauss": gauss[2]}},
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.supernet.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        pos, rng = state["position"], state["rng"]
+        self.epoch, self.batch = int(pos["epoch"]), int(pos["batch"])
+        self._loss_sum.copy_(pos["loss_sum"])
+        self._correct.copy_(pos["correct"])
+        self._epoch_start = rng["epoch_start"]
+        self.data_gen.set_state(rng["data"])
+        self.arch_gen.set_state(rng["arch_gen"])
+        r = rng["arch_rng"]
+        self.arch_rng.setstate((r["version"], tuple(r["state"]), r["gauss"]))
+        self.seconds = float(state["seconds"])
+
+
+# --- stage 2: the controller ----------------------------------------------------------------------
+
+def train_controller(agent: Reinforce, evaluator: Evaluator, until: int, *,
+                     on_step: Callable[[dict], None] | None = None) -> None:
+    """REINFORCE steps until `agent.step == until`: sample a path, score it on one validation
+    minibatch, update. Reusable on any saved supernet (e.g. a re-search with a latency reward)."""
+    while agent.step < until:
+        t0 = time.time()
+        arch, log_p, entropy = agent.sample()
+        score = evaluator(arch)
+        stats = agent.update(log_p, entropy, score.reward)
+        record = {"stage": "controller", "step": agent.step, "reward": score.reward, "accuracy": score.accuracy,
+                  "baseline": stats["baseline"], "entropy": float(entropy.detach()), "log_prob": float(log_p.detach()),
+                  "arch": [[x.kernel, x.dilation, x.skip] for x in arch.layers], **score.extras,
+                  "seconds": time.time() - t0}
+        if on_step is not None:
+            on_step(record)
+
+
+# --- run files: checkpoints, metrics, resume ------------------------------------------------------
+
+class _RunFiles:
+    """RUN/supernet.pt, controller.pt, metrics.jsonl, search.json and the plots."""
+
+    def __init__(self, out: Path, cfg: SearchConfig, meta: dict[str, Any]):
+        self.out, self.cfg, self.meta = out, cfg, meta
+        self.metrics = out / "metrics.jsonl"
+        self.controller_seconds = 0.0
+
+    def start(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "controller.pt"):  # stale state of an earlier, unsaved start
+            (self.out / name).unlink(missing_ok=True)
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _payload(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "config": self.cfg.to_json(), **self.meta}
+
+    def save_supernet(self, trainer: SupernetTrainer) -> None:
+        if trainer.dirty:
+            save_checkpoint(self.out / "supernet.pt", {**self._payload("supernet"), **trainer.state_dict()})
+            trainer.dirty = False
+
+    def save_controller(self, agent: Reinforce, evaluator: Evaluator) -> None:
+        save_checkpoint(self.out / "controller.pt", {**self._payload("controller"), "agent": agent.state_dict(),
+                                                     "evaluator": evaluator.state_dict(),
+                                                     "seconds": self.controller_seconds})
+
+    def restore(self, trainer: SupernetTrainer, agent: Reinforce | None, evaluator: Evaluator) -> None:
+        raw = _load(self.out / "supernet.pt", "supernet")
+        _same_config(raw, self.cfg, self.out / "supernet.pt")
+        if raw["val_indices"].tolist() != self.meta["val_indices"].tolist():
+            raise CheckpointError(f"{self.out / 'supernet.pt'}: the train split differs from the one it was "
+                                  "searched on; resume with the same dataset")
+        trainer.load_state_dict(raw)
+        if agent is not None and (self.out / "controller.pt").is_file():
+            c = _load(self.out / "controller.pt", "controller")
+            _same_config(c, self.cfg, self.out / "controller.pt")
+            agent.load_state_dict(c["agent"])
+            evaluator.load_state_dict(c["evaluator"])
+            self.controller_seconds = float(c["seconds"])
+        # drop metric lines written after the checkpoints (a kill between a log line and a save)
+        steps = agent.step if agent is not None else 0
+        keep = []
+        if self.metrics.exists():
+            for line in self.metrics.read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                if (r["stage"] == "supernet" and r["epoch"] <= trainer.epoch) or \
+                        (r["stage"] == "controller" and r["step"] <= steps):
+                    keep.append(line + "\n")
+        self.metrics.write_text("".join(keep), encoding="utf-8")
+
+    def check_alternating(self, trainer: SupernetTrainer, agent: Reinforce, block_end) -> None:
+        """The controller must sit where the schedule puts it given the supernet's position."""
+        lo = block_end(trainer.epoch - 1) if trainer.epoch > 0 and trainer.batch == 0 else block_end(trainer.epoch)
+        if not lo <= agent.step <= block_end(trainer.epoch):
+            raise CheckpointError(f"{self.out}: supernet.pt (epoch {trainer.epoch}) and controller.pt (step "
+                                  f"{agent.step}) are from different points of the search; restart without --resume")
+
+    def finish(self, trainer: SupernetTrainer, agent: Reinforce | None, best: Candidate, derive_seconds: float,
+               device: torch.device, plots: bool) -> float:
+        from mnet.search.plots import plot_search
+
+        seconds = trainer.seconds + self.controller_seconds + derive_seconds
+        write_json(self.out / "search.json", {
+            "config": self.cfg.to_json(),
+            "dataset": self.meta["dataset"],
+            "classes": self.meta["classes"],
+            "space": self.meta["space"],
+            "supernet_images": len(trainer.data),
+            "reward_images": len(self.meta["val_indices"]),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "seconds": {"supernet": trainer.seconds, "controller": self.controller_seconds,
+                        "derive": derive_seconds, "total": seconds},
+            "gpu_hours": seconds / 3600 if device.type == "cuda" else None,
+            "torch": torch.__version__,
+            "arch": best.arch.to_json(),
+            "best": {"reward": best.reward, "accuracy": best.accuracy, "log_prob": best.log_prob, **best.extras},
+        })
+        if not plots:
+            return seconds
+        records = [json.loads(x) for x in self.metrics.read_text(encoding="utf-8").splitlines()]
+        policy = None
+        if agent is not None:
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            with torch.no_grad():
+                policy = [agent.controller.sample(gen)[0] for _ in range(_POLICY_SAMPLES)]
+        try:
+            plot_search(self.out, records, policy, trainer.supernet.space.ops)
+        except Exception as e:  # plots are a convenience: a missing matplotlib must not lose the search
+            import logging
+
+            logging.getLogger(__name__).warning("no search plots: %s", e)
+        return seconds
+
+
+_POLICY_SAMPLES = 500  # architectures drawn from the final policy for the op histogram
+
+
+def check_run_dir(out, resume: bool) -> None:
+    """Refuse to overwrite a search, or to resume one that is not there (cheap: call before loading data)."""
+    out = Path(out)
+    if resume and not (out / "supernet.pt").is_file():
+        raise CheckpointError(f"--resume: {out / 'supernet.pt'} not found; start without --resume")
+    if not resume and (out / "supernet.pt").exists():
+        raise ConfigError(f"--out {out} already holds a search (supernet.pt); pass --resume to continue it "
+                          "or choose a new --out")
+
+
+def _load(path: Path, kind: str) -> dict[str, Any]:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt / foreign files
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("kind") != kind:
+        raise CheckpointError(f"{path}: not an mnet {kind} checkpoint")
+    return raw
+
+
+def _same_config(raw: dict, cfg: SearchConfig, path: Path) -> None:
+    saved = SearchConfig.from_json(raw["config"])
+    if replace(saved, device=cfg.device) != cfg:
+        a, b = saved.to_json(), cfg.to_json()
+        diff = {k: (a[k], b[k]) for k in a if k != "device" and a[k] != b[k]}
+        raise CheckpointError(f"--resume: options differ from the run in {path.parent} {diff}; pass the same options")
+
+
+class _DeferredInterrupt:
+    """Ctrl-C sets a flag that `check()` turns into KeyboardInterrupt at the next step boundary, so the
+    state saved on the way out is never half an optimizer step. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            self.requested = False
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+# --- opening a finished (or stopped) run ----------------------------------------------------------
+
+@dataclass
+class OpenRun:
+    config: SearchConfig
+    space: SearchSpace
+    supernet: Supernet
+    agent: Reinforce | None
+    evaluator: Evaluator
+    raw: dict[str, Any] = field(repr=False)
+
+
+def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
+             splits: dict[str, Split] | None = None) -> OpenRun:
+    """A search directory's supernet, controller (if any) and evaluator, on its reward images."""
+    run = Path(run)
+    raw = _load(run / "supernet.pt", "supernet") if (run / "supernet.pt").is_file() else None
+    if raw is None:
+        raise CheckpointError(f"{run / 'supernet.pt'} not found; is {run} a `mnet search` output directory?")
+    cfg = SearchConfig.from_json(raw["config"])
+    dev = resolve_device(device)
+    space = space_from_json(raw["space"])
+    preprocess = Preprocess.from_json(raw["preprocess"])
+    if splits is None:
+        if not raw.get("dataset") or not Path(raw["dataset"]).is_dir():
+            raise CheckpointError(f"{run}: its dataset {raw.get('dataset')!r} is not there any more; "
+                                  "restore it to the same path")
+        splits = load_splits(raw["dataset"], preprocess, ("train",))
+    train_split = splits["train"]
+    train_idx, val_idx = split_train_val(train_split.labels, cfg.val_fraction, cfg.seed)
+    if val_idx.tolist() != raw["val_indices"].tolist():
+        raise CheckpointError(f"{run}: the dataset's train split differs from the one searched on")
+    supernet = Supernet(space).to(dev)
+    supernet.load_state_dict(raw["model"])
+    agent = None
+    if cfg.strategy == "enas":
+        path = run / "controller.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: the controller stage has not run yet; "
+                                  "finish it with `mnet search ... --resume`")
+        agent = Reinforce(space, cfg.controller, cfg.seed + _AGENT_SEED)
+        agent.load_state_dict(_load(path, "controller")["agent"])
+    calib = DeviceData(train_split, preprocess, dev, train_idx) if cfg.bn == "recalibrate" else None
+    evaluator = Evaluator(supernet, DeviceData(train_split, preprocess, dev, val_idx), cfg.batch_size,
+                          reward=reward, bn=cfg.bn, amp=cfg.amp, seed=cfg.seed + _EVAL_SEED, calib_data=calib)
+    return OpenRun(cfg, space, supernet, agent, evaluator, raw)

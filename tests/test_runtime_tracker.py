@@ -1,0 +1,133 @@
+"""Tracker: one event per fruit, in exit order, at the trigger line or at exit; never twice, never lost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mnet.errors import ConfigError
+from mnet.runtime.localize import Box
+from mnet.runtime.tracker import Tracker, TrackerConfig
+
+W, H, FPS = 640, 480, 30.0
+
+
+def _belt(fruits, frames, *, speed=10.0, size=(100, 70), min_visible=20, hide=lambda fid, f: False,
+          direction=1):
+    """Frames of (boxes, probs): fruit i enters at frame fruits[i][0] and carries class fruits[i][1].
+
+    Frames where a fruit is cut by the border vote for the *next* class, so a test can see whether
+    the tracker preferred the whole views.
+    """
+    w, h = size
+    out = []
+    for f in range(frames):
+        boxes, probs = [], []
+        for fid, (start, cls, y) in enumerate(fruits):
+            x = -w + (f - start) * speed
+            if direction < 0:
+                x = W - (x + w)
+            x1, x2 = max(0, int(x)), min(W, int(x + w))
+            if f < start or x2 - x1 < min_visible or hide(fid, f):
+                continue
+            edge = x1 == 0 or x2 == W
+            boxes.append(Box(x1, int(y), x2 - x1, h, float((x2 - x1) * h), edge))
+            p = np.full(3, 0.05)
+            p[(cls + 1) % 3 if edge else cls] = 0.9
+            probs.append(p)
+        order = np.argsort([b.x for b in boxes], kind="stable")
+        out.append(([boxes[i] for i in order], np.array([probs[i] for i in order]).reshape(-1, 3)))
+    return out
+
+
+def _run(tracker, frames):
+    events = []
+    for f, (boxes, probs) in enumerate(frames):
+        for v in tracker.update(boxes, probs, f / FPS, (0, W)):
+            events.append((f, v))
+    return events
+
+
+FRUITS = [(0, 0, 100), (16, 1, 250), (30, 2, 180), (45, 0, 320), (58, 1, 120), (75, 2, 260)]
+
+
+def test_one_event_per_fruit_in_exit_order_voting_on_whole_views():
+    tr = Tracker(3)
+    events = _run(tr, _belt(FRUITS, 160))
+    events += [(160, v) for v in tr.flush()]
+    assert [v.fruit_id for _, v in events] == [1, 2, 3, 4, 5, 6]
+    assert [int(np.argmax(v.probs)) for _, v in events] == [c for _, c, _ in FRUITS]  # not the edge class
+    assert all(v.reason == "exit" for _, v in events)
+    # visible with >= 20 px for frames 2..72 after entry; 18 of those cut by an edge
+    assert all(v.frames == 71 and v.voted_frames == 53 for _, v in events)
+    # each fruit is emitted the frame after its last sighting at the exit edge
+    assert [f for f, _ in events] == [start + 73 for start, _, _ in FRUITS]
+    assert tr.discarded == 0 and tr.emitted == 6
+
+
+def test_trigger_line_emits_once_at_the_crossing():
+    tr = Tracker(3, TrackerConfig(trigger_x=400))
+    events = _run(tr, _belt(FRUITS, 160))
+    assert tr.flush() == []
+    assert [v.fruit_id for _, v in events] == [1, 2, 3, 4, 5, 6]
+    assert all(v.reason == "trigger" for _, v in events)
+    # centre = -100 + 10 f + 50 crosses 400 at f = 45 after entry
+    assert [f for f, _ in events] == [start + 45 for start, _, _ in FRUITS]
+    assert [int(np.argmax(v.probs)) for _, v in events] == [c for _, c, _ in FRUITS]
+
+
+def test_short_occlusion_keeps_the_identity_and_long_loss_emits_once():
+    hide_short = lambda fid, f: fid == 1 and 40 <= f < 45  # noqa: E731 -- 5 frames behind a hand
+    tr = Tracker(3, TrackerConfig(max_lost=8))
+    events = _run(tr, _belt(FRUITS[:3], 140, hide=hide_short))
+    assert [v.fruit_id for _, v in events] == [1, 2, 3] and events[1][1].frames == 71 - 5
+
+    removed = lambda fid, f: fid == 1 and f >= 50  # noqa: E731 -- picked off the belt mid-way
+    tr = Tracker(3, TrackerConfig(max_lost=8))
+    events = _run(tr, _belt(FRUITS[:3], 140, hide=removed))
+    # fruit 2 is emitted when unseen for more than max_lost frames, before fruit 1 reaches the exit
+    assert [(f, v.fruit_id, v.reason) for f, v in events] == [(50 + 8, 2, "lost"), (73, 1, "exit"), (103, 3, "exit")]
+
+
+def test_flush_emits_fruit_still_in_view_and_drops_noise():
+    frames = _belt(FRUITS[:2], 40)  # fruit 1 mid-frame, fruit 2 just entered
+    noise = Box(500, 400, 30, 30, 900.0, False)
+    boxes, probs = frames[10]
+    frames[10] = (boxes + [noise], np.vstack([probs, [[1.0, 0.0, 0.0]]]))
+    tr = Tracker(3)
+    assert _run(tr, frames) == []
+    out = tr.flush()
+    assert [(v.fruit_id, v.reason) for v in out] == [(1, "flush"), (2, "flush")]
+    assert tr.discarded == 1  # the one-frame blob never became a fruit
+    assert tr.flush() == []
+
+
+def test_flicker_at_the_exit_edge_and_split_masks_do_not_double_count():
+    frames = _belt(FRUITS[:2], 120)
+    # fruit 1 vanishes at the exit edge for a frame, then a sliver of it comes back
+    for f, (boxes, probs) in enumerate(frames):
+        if 64 <= f <= 66:
+            keep = [i for i, b in enumerate(boxes) if not (b.x2 == W and f == 64)]
+            frames[f] = ([boxes[i] for i in keep], probs[keep])
+        if f == 30:  # a highlight splits fruit 1's mask: a second, smaller box inside the first
+            b = boxes[-1]
+            frames[f] = (boxes + [Box(b.x + 40, b.y + 20, 20, 20, 400.0, False)], np.vstack([probs, probs[-1:]]))
+    tr = Tracker(3)
+    events = _run(tr, frames) + [(120, v) for v in tr.flush()]
+    assert [v.fruit_id for _, v in events] == [1, 2]
+
+
+def test_belt_running_right_to_left():
+    tr = Tracker(3, TrackerConfig(direction=-1, trigger_x=200))
+    events = _run(tr, _belt(FRUITS[:3], 140, direction=-1))
+    assert [v.fruit_id for _, v in events] == [1, 2, 3] and all(v.reason == "trigger" for _, v in events)
+
+
+def test_single_frame_mode_and_config_errors():
+    tr = Tracker(3)
+    v = tr.emit_single(Box(0, 0, 10, 10), np.array([0.1, 0.2, 0.7]), 3.0)
+    assert (v.fruit_id, v.frames, v.reason, int(np.argmax(v.probs))) == (1, 1, "frame", 2)
+    with pytest.raises(ConfigError, match="direction"):
+        TrackerConfig(direction=0)
+    with pytest.raises(ConfigError, match="min_hits"):
+        TrackerConfig(min_hits=0)

@@ -1,0 +1,124 @@
+"""The supernet: a sampled path equals the standalone MNet holding the same weights; BN scoring modes."""
+
+import random
+
+import pytest
+import torch
+
+from mnet.arch import PRESETS, Arch, Layer
+from mnet.errors import CheckpointError, ConfigError
+from mnet.search.checkpoint import save_checkpoint
+from mnet.search.model import MNet
+from mnet.search.supernet import Supernet, batch_stats, load_supernet, recalibrate_bn, space_to_json
+
+TINY = PRESETS["tiny"]
+
+
+def _trained_looking(net: torch.nn.Module) -> None:
+    """Random non-trivial weights and BN statistics, so that a wrong copy cannot pass by accident."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in list(net.parameters()) + [b for n, b in net.named_buffers() if "running" in n]:
+            t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.5 if t.dim() == 1 else
+                    torch.randn(t.shape, generator=g) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    torch.manual_seed(0)
+    net = Supernet(TINY)
+    _trained_looking(net)
+    return net
+
+
+ARCHS = [
+    TINY.sample(random.Random(s)) for s in range(3)
+] + [TINY.skeleton([Layer(39, 2, None), Layer(3, 1, 0), Layer(39, 1, 1), Layer(23, 2, 0)])]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(f"{x.kernel}.{x.dilation}.{x.skip}" for x in a.layers))
+def test_path_equals_standalone_eval_and_train(supernet, arch):
+    x = torch.randn(6, 3, 24, 32)
+    child = supernet.child(arch)
+    assert isinstance(child, MNet) and child.arch == arch
+    assert sum(p.numel() for p in child.parameters()) == arch.num_params()
+    supernet.eval(), child.eval()
+    with torch.no_grad():
+        assert torch.equal(supernet(x, arch), child(x))
+    # train mode: same outputs, same gradients, same running-statistics updates
+    sd_before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    supernet.train(), child.train()
+    out_s, out_c = supernet(x, arch), child(x)
+    assert torch.equal(out_s, out_c)
+    out_s.square().sum().backward()
+    out_c.square().sum().backward()
+    path = supernet.path(arch)
+    for i, cell in enumerate(path):
+        for (n, p), q in zip(cell.named_parameters(), child.cells[i].parameters()):
+            assert torch.equal(p.grad, q.grad), (i, n)
+    after = supernet.child_state_dict(arch)
+    for k, v in child.state_dict().items():
+        assert torch.equal(after[k], v), k
+    # ops off the path were not touched
+    other = [c for layer in supernet.cells for c in layer if all(c is not p for p in path)]
+    assert all(p.grad is None for c in other for p in c.parameters())
+    supernet.load_state_dict(sd_before)
+    supernet.zero_grad(set_to_none=True)
+
+
+def test_child_state_dict_names_and_copies(supernet):
+    arch = ARCHS[0]
+    sd = supernet.child_state_dict(arch)
+    assert set(sd) == set(MNet(arch).state_dict())
+    sd["stem.conv.weight"].add_(1.0)  # a copy: the supernet is unchanged
+    assert not torch.equal(sd["stem.conv.weight"], supernet.stem.conv.weight)
+
+
+def test_arch_outside_the_space_is_refused(supernet):
+    wide = Arch((24, 32), 32, 1, (1, 2), 3, ARCHS[0].layers)
+    with pytest.raises(ConfigError, match="search space"):
+        supernet.child_state_dict(wide)
+
+
+def test_batch_stats_uses_batch_statistics_and_keeps_buffers(supernet):
+    arch = ARCHS[1]
+    x = torch.randn(8, 3, 24, 32)
+    buffers = {k: v.clone() for k, v in supernet.state_dict().items()}
+    child = supernet.child(arch).train()
+    with torch.no_grad():
+        expected = child(x)  # train mode: batch statistics
+        supernet.eval()
+        with batch_stats(supernet.path_modules(arch)):
+            got = supernet(x, arch)
+        plain = supernet(x, arch)  # and afterwards the running statistics are back
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(plain, got)
+    for k, v in supernet.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_recalibrate_is_the_exact_mean_over_batches():
+    torch.manual_seed(0)
+    model = MNet(ARCHS[2]).eval()
+    batches = [torch.randn(4, 3, 24, 32) for _ in range(3)]
+    recalibrate_bn(model, model, batches)
+    assert not model.stem.bn.training  # BN modes restored
+    feats = [model.stem.conv(b) for b in batches]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    torch.testing.assert_close(model.stem.bn.running_mean, mean.detach(), rtol=1e-5, atol=1e-6)
+    assert model.stem.bn.momentum == 0.1
+
+
+def test_load_supernet_round_trip(supernet, tmp_path):
+    save_checkpoint(tmp_path / "supernet.pt", {"kind": "supernet", "space": space_to_json(TINY),
+                                               "model": supernet.state_dict()})
+    net, raw = load_supernet(tmp_path / "supernet.pt")
+    assert net.space == TINY
+    x = torch.randn(2, 3, 24, 32)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x, ARCHS[0]), supernet.eval()(x, ARCHS[0]))
+    save_checkpoint(tmp_path / "other.pt", {"kind": "mnet"})
+    with pytest.raises(CheckpointError, match="not an mnet supernet"):
+        load_supernet(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_supernet(tmp_path / "missing.pt")
