@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import cv2
 import numpy as np
@@ -32,7 +32,7 @@ import numpy as np
 from mnet.errors import ConfigError, DataError
 from mnet.synth import CLASS_BALANCE, GRADES, belt_texture, draw_mango
 
-__all__ = ["ConveyorFruit", "ConveyorPlan", "plan_conveyor", "make_conveyor_video", "truth_path_for"]
+__all__ = ["ConveyorFruit", "ConveyorPlan", "make_conveyor_video", "plan_conveyor", "truth_path_for"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _LEAD_FRAMES = 3            # belt-only frames before the first fruit and after 
 _SHADOW = 0.45
 _BELT_PERIOD = 256          # px: the belt texture tile, scrolled with the fruit
 
-Progress = Callable[[int, int], None] | None
+Progress = Optional[Callable[[int, int], None]]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ConveyorPlan:
 
     def offset(self, frame: int) -> int:
         """How far (px) the belt has moved at `frame`; fruit and texture move together."""
-        return int(math.floor(self.speed_px * frame + 0.5))
+        return math.floor(self.speed_px * frame + 0.5)
 
     def background(self, frame: int) -> np.ndarray:
         """The frame without fruit: static surroundings and the belt texture scrolled to `frame`."""
@@ -139,7 +139,7 @@ def _backdrop(rng: np.random.Generator, w: int, h: int, top: int, bot: int) -> n
     ramp = np.linspace(rng.uniform(45, 70), rng.uniform(70, 100), h, dtype=np.float32)[:, None, None]
     tint = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
     img = np.broadcast_to(ramp * tint, (h, w, 3)).astype(np.uint8).copy()
-    rail = max(3, int(round(0.035 * h)))
+    rail = max(3, round(0.035 * h))
     shade = rng.uniform(140, 200)
     profile = (shade * (0.7 + 0.3 * np.sin(np.linspace(0, math.pi, rail)))).astype(np.uint8)
     for y0 in (max(0, top - rail), bot):
@@ -152,7 +152,7 @@ def _backdrop(rng: np.random.Generator, w: int, h: int, top: int, bot: int) -> n
 def _measure_box(fruit_seed: np.random.SeedSequence, grade: str, axes: tuple[float, float],
                  angle: float) -> tuple[int, int, int, int]:
     """Painted box of a fruit relative to its (integer) centre, measured by painting it once."""
-    r = int(math.ceil(axes[0] * 1.6)) + 8
+    r = math.ceil(axes[0] * 1.6) + 8
     scratch = np.zeros((2 * r + 1, 2 * r + 1, 3), np.uint8)
     x0, y0, x1, y1 = draw_mango(scratch, np.random.default_rng(fruit_seed), grade, (r, r), axes, angle,
                                 shadow=0.0)
@@ -183,7 +183,7 @@ def plan_conveyor(
         raise ConfigError(f"speed_px = {speed_px}: must be > 0 px/frame")
 
     layout = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(0,)))
-    top, bot = int(round(0.1 * h)), int(round(0.9 * h))
+    top, bot = round(0.1 * h), round(0.9 * h)
     cum = np.cumsum(CLASS_BALANCE)
 
     placed = []
@@ -197,20 +197,20 @@ def plan_conveyor(
         yr = layout.random()
         fseed = np.random.SeedSequence(int(seed), spawn_key=(1, i))
         dx0, dy0, dx1, dy1 = _measure_box(fseed, grade, (a, b), angle)
-        margin = int(math.ceil(4 * scale))
+        margin = math.ceil(4 * scale)
         lo, hi = top + margin - dy0, bot - margin - dy1
-        y = int(round(lo + yr * (hi - lo))) if hi > lo else (top + bot) // 2
+        y = round(lo + yr * (hi - lo)) if hi > lo else (top + bot) // 2
         # Fruit 0 leads; each next one trails the previous by its own width plus a free gap.
         if prev_left is None:
-            x0 = -dx1 - int(math.ceil(_LEAD_FRAMES * speed))
+            x0 = -dx1 - math.ceil(_LEAD_FRAMES * speed)
         else:
-            x0 = int(math.floor(prev_left - gap)) - dx1
+            x0 = math.floor(prev_left - gap) - dx1
         prev_left = x0 + dx0
         placed.append((i, grade, fseed, (a, b), angle, y, x0, (dx0, dy0, dx1, dy1)))
 
     # Frame of entry/exit from the (monotone) belt offset; enough frames for the last fruit to leave.
     last_x0, last_box = placed[-1][6], placed[-1][7]
-    n_guess = int(math.ceil((w - last_box[0] - last_x0) / speed)) + 2 * _LEAD_FRAMES + 2
+    n_guess = math.ceil((w - last_box[0] - last_x0) / speed) + 2 * _LEAD_FRAMES + 2
     offs = np.floor(speed * np.arange(n_guess) + 0.5).astype(np.int64)
     planned = []
     for i, grade, fseed, axes, angle, y, x0, box in placed:
@@ -222,7 +222,7 @@ def plan_conveyor(
 
     scene = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(2,)))
     backdrop = _backdrop(scene, w, h, top, bot)
-    belt = belt_texture(scene, (bot - top, max(16, int(round(_BELT_PERIOD * scale)))))
+    belt = belt_texture(scene, (bot - top, max(16, round(_BELT_PERIOD * scale))))
     return ConveyorPlan(float(fps) if not float(fps).is_integer() else int(fps), (w, h), speed, frames, (top, bot),
                         planned, backdrop, belt)
 
@@ -241,7 +241,7 @@ def make_conveyor_video(
 
     `codec` is a FourCC for cv2.VideoWriter: "mp4v" (.mp4) or "MJPG" (.avi). `speed_px` is the belt
     speed in px/frame (default 10 at 640 px wide). The video is written to a temporary name in the
-    same folder and renamed into place, then the truth file is written the same way.
+    same folder and renamed into place (replacing an existing file), and so is the truth file.
     Raises DataError when the writer cannot be opened (codec or container unsupported by this
     OpenCV build) and ConfigError for invalid options.
     """
@@ -278,14 +278,15 @@ def make_conveyor_video(
                 progress(i + 1, plan.frames)
         writer.release()
         writer = None
-        if tmp.stat().st_size == 0:
-            raise DataError(f"{out}: the video writer produced an empty file (codec {codec!r})")
-        os.replace(tmp, out)
-        truth = plan.truth()
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise DataError(f"{out}: the video writer produced no data (codec {codec!r})")
         ttmp = _sibling_tmp(truth_path, ".json")
         with open(ttmp, "x", encoding="utf-8") as f:
-            json.dump(truth, f, indent=1)
+            json.dump(plan.truth(), f, indent=1)
             f.write("\n")
+        # Both files are complete before either is renamed, so a reader never pairs a new video
+        # with a missing truth file for longer than two renames.
+        os.replace(tmp, out)
         os.replace(ttmp, truth_path)
     except BaseException:
         if writer is not None:

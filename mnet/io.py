@@ -18,6 +18,11 @@ from mnet.errors import CheckpointError
 
 __all__ = ["atomic_path", "write_json", "read_json", "write_text", "sha256_file"]
 
+# mkstemp creates files 0600; give atomically written files the mode a plain open() would (0666 & ~umask),
+# so bundles and checkpoints copied to another machine or user stay readable. Read once: os.umask sets it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -26,6 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     tmp = Path(tmp)
     try:
         yield tmp

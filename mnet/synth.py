@@ -34,23 +34,23 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import cv2
 import numpy as np
 
-from mnet.errors import DataError
+from mnet.errors import ConfigError, DataError
 
 __all__ = [
-    "GRADES",
     "CLASS_BALANCE",
-    "SPLITS",
+    "GRADES",
     "PORTRAIT_FRACTION",
     "SCENES",
-    "draw_labels",
-    "render_mango",
-    "draw_mango",
+    "SPLITS",
     "belt_texture",
+    "draw_labels",
+    "draw_mango",
+    "render_mango",
     "synthesize",
 ]
 
@@ -68,7 +68,7 @@ _JPEG_QUALITY = 90
 _FULL_RES_A = 90.0
 _SCHEMA_VERSION = 1
 
-Progress = Callable[[int, int], None] | None
+Progress = Optional[Callable[[int, int], None]]
 
 # Skin palette, BGR, from deep red (0) through orange and yellow to green (5). A fruit's colour is a
 # position t on this ramp; evenness of colour is how little t varies over the fruit.
@@ -263,7 +263,7 @@ class _Body:
 
 def _fx(p: tuple[float, float]) -> tuple[int, int]:
     # cv2 drawing with 4 fractional bits (shift=4): sub-pixel placement, then AA.
-    return int(round(p[0] * 16)), int(round(p[1] * 16))
+    return round(float(p[0]) * 16), round(float(p[1]) * 16)
 
 
 def _paint(col: np.ndarray, mask: np.ndarray, bgr: Sequence[float], opacity: float) -> None:
@@ -296,7 +296,7 @@ def _draw_defects(col: np.ndarray, body: _Body, look: dict[str, Any]) -> None:
                 heading += float(d["wiggle"][k])
                 x, y = x + step * math.cos(heading), y + step * math.sin(heading)
                 pts.append((x, y))
-            thick = max(1, int(round(d["width"] * L)))
+            thick = max(1, round(d["width"] * L))
             arr = np.array([_fx(p) for p in pts], np.int32).reshape(-1, 1, 2)
             cv2.polylines(mask, [arr], False, 255, thick, cv2.LINE_AA, 4)
             if kind == "latex":
@@ -394,15 +394,15 @@ def draw_mango(
     th = math.radians(angle_deg)
     c, s = math.cos(th), math.sin(th)
     b_eff = b * (1.0 + abs(look["asym"]) + 0.5 * abs(look["bend"]))
-    pad = int(math.ceil(0.25 * b)) + 4  # room for the drop shadow
-    ex = int(math.ceil(math.hypot(a * c, b_eff * s))) + pad
-    ey = int(math.ceil(math.hypot(a * s, b_eff * c))) + pad
-    ix, iy = int(round(cx)), int(round(cy))
+    pad = math.ceil(0.25 * b) + 4  # room for the drop shadow
+    ex = math.ceil(math.hypot(a * c, b_eff * s)) + pad
+    ey = math.ceil(math.hypot(a * s, b_eff * c)) + pad
+    ix, iy = round(cx), round(cy)
     fx, fy = cx - ix, cy - iy
     # Big fruit (dataset photos) are shaded at 1/k resolution and upsampled: k² fewer pixels, and a
     # smooth skin loses nothing a 24x32 model or a phone photo would show. Conveyor-sized fruit
     # (a <= _FULL_RES_A) are always rendered at full resolution.
-    k = max(1, int(math.ceil(a / _FULL_RES_A)))
+    k = max(1, math.ceil(a / _FULL_RES_A))
     rws, rhs = -(-(2 * ex + 1) // k), -(-(2 * ey + 1) // k)
     rw, rh = rws * k, rhs * k
     ka, kb = a / k, b / k
@@ -745,12 +745,12 @@ def synthesize(
     out = Path(out_dir)
     counts_in = {"train": int(n_train), "dev": int(n_dev), "test": int(n_test)}
     if any(n < 0 for n in counts_in.values()):
-        raise DataError(f"image counts must be >= 0, got {counts_in}")
+        raise ConfigError(f"image counts must be >= 0, got {counts_in}")
     if not 0.0 <= label_noise <= 1.0:
-        raise DataError(f"label_noise must be in [0, 1], got {label_noise}")
+        raise ConfigError(f"label_noise = {label_noise}: must be in [0, 1]")
     ih, iw = int(image_size[0]), int(image_size[1])
     if not (32 <= ih <= 1024 and 32 <= iw <= 1024):
-        raise DataError(f"image_size must be within 32..1024 px per side, got {image_size}")
+        raise ConfigError(f"image_size = {image_size}: must be within 32..1024 px per side")
     _check_out_dir(out)
     total = sum(counts_in.values())
     width = max(5, len(str(max(total - 1, 0))))
@@ -772,14 +772,14 @@ def synthesize(
                 wr.writerow(["image_id", "label"])
                 wr.writerows([(name, lab) for _, _, lab, name in plans[split]])
 
-        n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-        n_workers = max(1, min(int(n_workers), max(1, total // 64)))
-        chunk = 32
+        chunk = 16
         tasks = [
             (str(tmp / split), split, [(i, g, name) for i, g, _, name in plans[split][k:k + chunk]])
             for split in SPLITS
             for k in range(0, len(plans[split]), chunk)
         ]
+        n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        n_workers = max(1, min(int(n_workers), len(tasks)))
         _noise_tile()  # build the shared tile once, before any thread needs it
         done = 0
         if progress:

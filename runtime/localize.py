@@ -202,6 +202,6 @@ def crop(frame: np.ndarray, box: Box, margin: float = 0.3, aspect: float | None 
         else:
             ch = cw / want
     cx, cy = box.center
-    x1, y1 = max(0, int(round(cx - cw / 2))), max(0, int(round(cy - ch / 2)))
-    x2, y2 = min(fw, int(round(cx + cw / 2))), min(fh, int(round(cy + ch / 2)))
+    x1, y1 = max(0, round(cx - cw / 2)), max(0, round(cy - ch / 2))
+    x2, y2 = min(fw, round(cx + cw / 2)), min(fh, round(cy + ch / 2))
     return frame[y1:y2, x1:x2]

@@ -140,7 +140,7 @@ def evaluate(model: nn.Module, data: DeviceData, classes, batch_size: int = 512,
 
 def train(data_root: str | os.PathLike, arch: Arch, out: str | os.PathLike, cfg: TrainConfig, *,
           resume: bool = False, preprocess: Preprocess | None = None, splits: dict[str, Split] | None = None,
-          on_step: StepCallback = None, on_epoch: EpochCallback = None) -> TrainResult:
+          arch_source: str | None = None, on_step: StepCallback = None, on_epoch: EpochCallback = None) -> TrainResult:
     """Train an MNet from scratch on DATA's train split, selecting the best epoch on dev."""
     preprocess = preprocess or Preprocess(arch.input_hw)
     if tuple(preprocess.input_hw) != tuple(arch.input_hw):
@@ -152,7 +152,9 @@ def train(data_root: str | os.PathLike, arch: Arch, out: str | os.PathLike, cfg:
                           f"({', '.join(classes)}); edit arch.json or the dataset's classes.txt")
     torch.manual_seed(cfg.seed)
     model = MNet(arch, dropout=cfg.dropout)
-    meta = {"kind": "mnet", "arch": arch.to_json(), "dataset": str(Path(data_root).resolve())}
+    meta = {"kind": "mnet", "arch": arch.to_json(), "dataset": str(Path(data_root).resolve()),
+            # where the arch came from (e.g. a search run's arch.json), so reports can find the search
+            "arch_source": str(Path(arch_source).resolve()) if arch_source else None}
     return fit(model, splits["train"], splits["dev"], out, cfg, preprocess, meta, resume=resume,
                on_step=on_step, on_epoch=on_epoch)
 

@@ -83,16 +83,17 @@ def test_layout_no_overlap_and_full_entry_exit(plan):
                 assert ax1 <= bx0 or bx1 <= ax0, (i, boxes)
     assert max_visible >= 2
     # Entry/exit frames are exact: painting the fruit one frame earlier/later paints nothing.
+    def box_at(f, frame):
+        canvas = np.zeros((h, w, 3), np.uint8)
+        return synth.draw_mango(canvas, np.random.default_rng(f.seed), f.grade,
+                                (f.x0 + plan.offset(frame), f.y), f.axes, f.angle, shadow=0)
+
     for f in plan.fruits:
-        def box_at(frame):
-            canvas = np.zeros((h, w, 3), np.uint8)
-            return synth.draw_mango(canvas, np.random.default_rng(f.seed), f.grade,
-                                    (f.x0 + plan.offset(frame), f.y), f.axes, f.angle, shadow=0)
-        assert box_at(f.first_frame - 1) == (0, 0, 0, 0)
-        assert box_at(f.first_frame)[0] == 0            # enters at the left edge
-        assert box_at(f.last_frame)[2] == w             # leaves at the right edge
-        assert box_at(f.last_frame + 1) == (0, 0, 0, 0)
-        full = box_at((f.first_frame + f.last_frame) // 2)
+        assert box_at(f, f.first_frame - 1) == (0, 0, 0, 0)
+        assert box_at(f, f.first_frame)[0] == 0            # enters at the left edge
+        assert box_at(f, f.last_frame)[2] == w             # leaves at the right edge
+        assert box_at(f, f.last_frame + 1) == (0, 0, 0, 0)
+        full = box_at(f, (f.first_frame + f.last_frame) // 2)
         assert full[2] - full[0] == f.box[2] - f.box[0]  # fully on screen mid-way
 
 

@@ -11,8 +11,8 @@ from mnet.events import EVENT_FIELDS, GradeEvent
 
 
 def _event(**kw) -> GradeEvent:
-    d = dict(fruit_id=3, grade="B", confidence=0.7, probs={"A": 0.2, "B": 0.7, "C": 0.1}, frames=12,
-             first_ts=1.5, last_ts=1.9, source="belt.mp4", model="tiny@abc")
+    d = {"fruit_id": 3, "grade": "B", "confidence": 0.7, "probs": {"A": 0.2, "B": 0.7, "C": 0.1}, "frames": 12,
+             "first_ts": 1.5, "last_ts": 1.9, "source": "belt.mp4", "model": "tiny@abc"}
     d.update(kw)
     return GradeEvent(**d)
 
@@ -47,17 +47,17 @@ def test_event_is_frozen_and_owns_its_probs():
 @pytest.mark.parametrize(
     "bad, field",
     [
-        (dict(fruit_id=-1), "fruit_id"),
-        (dict(fruit_id=True), "fruit_id"),
-        (dict(grade="D"), "grade"),
-        (dict(confidence=0.5), "confidence"),  # must equal probs[grade]
-        (dict(probs={"A": 0.5, "B": 0.7, "C": 0.1}), "probs"),  # does not sum to 1
-        (dict(probs={"A": -0.1, "B": 0.7, "C": 0.4}), "probs.A"),
-        (dict(frames=0), "frames"),
-        (dict(last_ts=1.0), "last_ts"),  # before first_ts
-        (dict(first_ts=float("nan")), "first_ts"),
-        (dict(source=None), "source"),
-        (dict(schema_version=2), "schema_version"),
+        ({"fruit_id": -1}, "fruit_id"),
+        ({"fruit_id": True}, "fruit_id"),
+        ({"grade": "D"}, "grade"),
+        ({"confidence": 0.5}, "confidence"),  # must equal probs[grade]
+        ({"probs": {"A": 0.5, "B": 0.7, "C": 0.1}}, "probs"),  # does not sum to 1
+        ({"probs": {"A": -0.1, "B": 0.7, "C": 0.4}}, "probs.A"),
+        ({"frames": 0}, "frames"),
+        ({"last_ts": 1.0}, "last_ts"),  # before first_ts
+        ({"first_ts": float("nan")}, "first_ts"),
+        ({"source": None}, "source"),
+        ({"schema_version": 2}, "schema_version"),
     ],
 )
 def test_validation_names_the_field(bad, field):

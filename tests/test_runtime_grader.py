@@ -6,22 +6,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
+from mnet.runtime.grader import GradeConfig, grade, parse_size, stop_on_signals
+from mnet.runtime.localize import Localizer
+from mnet.runtime.sinks import Sinks, open_sinks
 
 from mnet.conveyor import make_conveyor_video, plan_conveyor
 from mnet.errors import BackendError, ConfigError
 from mnet.events import GradeEvent
 from mnet.preprocess import Preprocess
-from mnet.runtime.grader import GradeConfig, grade, parse_size
-from mnet.runtime.localize import Localizer
-from mnet.runtime.sinks import Sinks, open_sinks
 
 CLASSES = ("A", "B", "C")
-VIDEO = dict(fruits=20, seed=0, size_wh=(640, 480), speed_px=20)  # a fast belt: ~37 frames per fruit
+VIDEO = {"fruits": 20, "seed": 0, "size_wh": (640, 480), "speed_px": 20}  # a fast belt: ~37 frames per fruit
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,11 @@ class _Recording:
         return self.inner.region(frame)
 
 
+def _overlap(b, xyxy) -> int:
+    x0, y0, x1, y1 = xyxy
+    return max(0, min(b.x2, x1) - max(b.x, x0)) * max(0, min(b.y2, y1) - max(b.y, y0))
+
+
 class _Oracle:
     """A backend that 'classifies' each crop as the grade of the planned fruit its box overlaps most."""
 
@@ -69,16 +77,14 @@ class _Oracle:
         assert len(x) == len(self.rec.boxes), "one batch per frame, one row per box"
         out = np.full((len(x), 3), 0.05, np.float32)
         for i, b in enumerate(self.rec.boxes):
-            def overlap(item):
-                x0, y0, x1, y1 = item[1]
-                return max(0, min(b.x2, x1) - max(b.x, x0)) * max(0, min(b.y2, y1) - max(b.y, y0))
-            fruit = max(self._planned(self.rec.frame), key=overlap)[0]
+            fruit = max(self._planned(self.rec.frame), key=lambda item, b=b: _overlap(b, item[1]))[0]
             out[i, CLASSES.index(fruit.grade)] = 0.9
         return out
 
 
-def _grade(conveyor, config=GradeConfig(), sinks=None, **kw):
-    path, truth, plan = conveyor
+def _grade(conveyor, config=None, sinks=None, **kw):
+    config = config or GradeConfig()
+    path, _truth, plan = conveyor
     rec = _Recording(Localizer(config.localize))
     backend = kw.pop("backend", None) or _Oracle(plan, rec)
     summary = grade(backend, Preprocess((24, 32)), CLASSES, str(path), config, sinks, model="oracle",
@@ -86,16 +92,20 @@ def _grade(conveyor, config=GradeConfig(), sinks=None, **kw):
     return summary, backend
 
 
-def test_localiser_finds_every_whole_fruit_on_the_conveyor(conveyor):
-    path, truth, plan = conveyor
+def test_localiser_finds_every_fruit_on_the_conveyor(conveyor):
+    _path, _truth, plan = conveyor
     loc = Localizer()
     for f in range(0, plan.frames, 7):
         img, drawn = plan.render(f)
-        whole = [b for _, b in drawn if b[0] > 0 and b[2] < 640]
-        boxes = [b for b in loc(img) if not b.touches_edge]
-        assert len(boxes) == len(whole), f"frame {f}: {boxes} vs {whole}"
-        for b, (x0, y0, x1, y1) in zip(boxes, sorted(whole)):
-            assert max(abs(b.x - x0), abs(b.y - y0), abs(b.x2 - x1), abs(b.y2 - y1)) <= 6, f"frame {f}"
+        boxes = loc(img)
+        for x0, y0, x1, y1 in (b for _, b in drawn if b[0] >= 8 and b[2] <= 632):  # clearly whole fruit
+            assert any(max(abs(b.x - x0), abs(b.y - y0), abs(b.x2 - x1), abs(b.y2 - y1)) <= 6
+                       and not b.touches_edge for b in boxes), f"frame {f}: {(x0, y0, x1, y1)} not in {boxes}"
+        for b in boxes:  # no false positives; cut-off fruit are flagged
+            x0, y0, x1, y1 = max((d for _, d in drawn), key=lambda d: min(b.x2, d[2]) - max(b.x, d[0]))
+            assert min(b.x2, x1) - max(b.x, x0) > 0.8 * b.w and min(b.y2, y1) - max(b.y, y0) > 0.8 * b.h, f"frame {f}"
+            if x0 == 0 or x1 == 640:
+                assert b.touches_edge, f"frame {f}: {b}"
 
 
 def test_every_fruit_graded_once_right_and_in_exit_order(conveyor, tmp_path):
@@ -113,9 +123,10 @@ def test_every_fruit_graded_once_right_and_in_exit_order(conveyor, tmp_path):
     assert (tmp_path / "events.csv").read_text().count("\n") == 21
     assert summary.frames_read == summary.frames_processed == truth["frames"] and summary.frames_dropped == 0
     assert summary.grades == {g: want.count(g) for g in CLASSES} and not summary.stopped
-    assert set(summary.stages) == {"capture", "localise", "preprocess", "infer", "track", "sink"}
+    assert set(summary.stages) == {"capture", "localise", "preprocess", "infer", "track", "sink", "frame"}
+    assert summary.stages["frame"]["p50_ms"] >= summary.stages["localise"]["p50_ms"]
     assert backend.calls == 1 + sum(1 for i in frames_seen if i.boxes)  # warm-up + one batch per frame with fruit
-    assert len(frames_seen) == truth["frames"] and frames_seen[-1].graded == 20 - len(frames_seen[-1].events) or True
+    assert len(frames_seen) == truth["frames"] and frames_seen[-1].graded == 20
     assert sum(len(i.events) for i in frames_seen) == 20  # every event was emitted during the stream
 
 
@@ -132,7 +143,7 @@ def test_trigger_line_grades_each_fruit_as_it_crosses(conveyor):
         def close(self):
             pass
 
-    summary, _ = _grade(conveyor, GradeConfig.from_options(trigger_x=320), Sinks([Collect()]))
+    _summary, _ = _grade(conveyor, GradeConfig.from_options(trigger_x=320), Sinks([Collect()]))
     assert [e.grade for e in got] == [f["grade"] for f in truth["fruits"]]
     # emitted at the line, so each event's last frame is about mid-screen, long before the fruit leaves
     exits = [f["last_frame"] / truth["fps"] for f in truth["fruits"]]
@@ -146,10 +157,13 @@ def test_stop_flag_finishes_the_frame_flushes_and_reports(conveyor, tmp_path):
         if info.index == 99:
             stop.set()
 
-    summary, _ = _grade(conveyor, GradeConfig(), open_sinks(events=tmp_path / "e.jsonl"), stop=stop,
-                        on_frame=on_frame)
+    sinks = open_sinks(events=tmp_path / "e.jsonl", save=tmp_path / "annotated.avi")
+    summary, _ = _grade(conveyor, GradeConfig(), sinks, stop=stop, on_frame=on_frame)
     events = [GradeEvent.from_json(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert summary.stopped and summary.frames_processed == 100
+    cap = cv2.VideoCapture(str(tmp_path / "annotated.avi"))  # --save: every processed frame, closed properly
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 100 and cap.get(cv2.CAP_PROP_FPS) == pytest.approx(30)
+    cap.release()
     assert len(events) == summary.fruit_graded and len({e.fruit_id for e in events}) == len(events)
     assert events[-1].last_ts <= 99 / 30 + 1e-9  # the fruit still in view were flushed with what was seen
 
@@ -185,10 +199,8 @@ def test_backend_contract_is_checked(conveyor):
 
 
 def test_full_frame_mode_grades_each_photo(tmp_path):
-    import cv2
-
     for i in range(3):
-        cv2.imwrite(str(tmp_path / f"shot{i}.jpg"), np.full((48, 64, 3), 60 * i, np.uint8))
+        cv2.imwrite(str(tmp_path / f"shot{i}.jpg"), np.full((48, 64, 3), 120 * i, np.uint8))
 
     class ByBrightness:
         name = "bright"
@@ -217,9 +229,7 @@ def test_full_frame_mode_grades_each_photo(tmp_path):
 
 
 def test_live_source_through_the_grader_survives_a_dropout(conveyor):
-    import cv2
-
-    path, _, plan = conveyor
+    path, _, _plan = conveyor
     cap = cv2.VideoCapture(str(path))
     frames = [cap.read()[1] for _ in range(40)]
     cap.release()
@@ -276,3 +286,18 @@ def test_options_parsing():
         parse_size("big")
     with pytest.raises(ConfigError, match="latency budget"):
         GradeConfig(latency_budget_ms=0)
+
+
+def test_first_signal_sets_the_stop_flag_and_handlers_are_restored():
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):  # a second signal means "now"
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mnet.runtime.localize import Box, LocalizeConfig, Localizer, crop, parse_roi
 
 from mnet.errors import ConfigError
-from mnet.runtime.localize import Box, LocalizeConfig, Localizer, crop, parse_roi
 from mnet.synth import _HAND_TONES, _draw_hand, belt_texture, draw_mango
 
 

@@ -18,9 +18,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from mnet.errors import ConfigError, DataError
-from mnet.events import GradeEvent
 from mnet.runtime.grader import FrameInfo
 from mnet.runtime.localize import Box
 from mnet.runtime.sinks import (
@@ -28,14 +25,15 @@ from mnet.runtime.sinks import (
     JsonlSink,
     MqttSink,
     Sink,
-    Sinks,
-    StreamSink,
     VideoSink,
     annotate,
     open_sinks,
     parse_mqtt_uri,
 )
 from mnet.runtime.tracker import TrackView
+
+from mnet.errors import ConfigError, DataError
+from mnet.events import GradeEvent
 
 
 def _ev(i: int, grade: str = "A") -> GradeEvent:

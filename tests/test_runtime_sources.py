@@ -10,9 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from mnet.runtime.sources import Status, csi_pipeline, has_gstreamer, open_source, parse_uri
 
 from mnet.errors import SourceError
-from mnet.runtime.sources import Status, csi_pipeline, has_gstreamer, open_source, parse_uri
 
 # ----------------------------------------------------------------------------------------- URIs
 

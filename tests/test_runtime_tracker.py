@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from mnet.errors import ConfigError
 from mnet.runtime.localize import Box
 from mnet.runtime.tracker import Tracker, TrackerConfig
+
+from mnet.errors import ConfigError
 
 W, H, FPS = 640, 480, 30.0
 
@@ -77,12 +77,12 @@ def test_trigger_line_emits_once_at_the_crossing():
 
 
 def test_short_occlusion_keeps_the_identity_and_long_loss_emits_once():
-    hide_short = lambda fid, f: fid == 1 and 40 <= f < 45  # noqa: E731 -- 5 frames behind a hand
+    hide_short = lambda fid, f: fid == 1 and 40 <= f < 45
     tr = Tracker(3, TrackerConfig(max_lost=8))
     events = _run(tr, _belt(FRUITS[:3], 140, hide=hide_short))
     assert [v.fruit_id for _, v in events] == [1, 2, 3] and events[1][1].frames == 71 - 5
 
-    removed = lambda fid, f: fid == 1 and f >= 50  # noqa: E731 -- picked off the belt mid-way
+    removed = lambda fid, f: fid == 1 and f >= 50
     tr = Tracker(3, TrackerConfig(max_lost=8))
     events = _run(tr, _belt(FRUITS[:3], 140, hide=removed))
     # fruit 2 is emitted when unseen for more than max_lost frames, before fruit 1 reaches the exit

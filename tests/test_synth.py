@@ -92,9 +92,9 @@ def test_synthesize_layout_csv_and_summary(tmp_path):
 
 
 def test_synthesize_is_byte_deterministic_across_workers(tmp_path):
-    kw = dict(n_train=8, n_dev=2, n_test=3, image_size=SMALL)
+    kw = {"n_train": 8, "n_dev": 2, "n_test": 3, "image_size": SMALL}
     synth.synthesize(tmp_path / "a", seed=5, workers=1, **kw)
-    synth.synthesize(tmp_path / "b", seed=5, workers=2, **kw)
+    assert synth.synthesize(tmp_path / "b", seed=5, workers=2, **kw)["workers"] == 2
     synth.synthesize(tmp_path / "c", seed=6, workers=1, **kw)
     a, b, c = (_tree_digest(tmp_path / x) for x in "abc")
     assert a == b

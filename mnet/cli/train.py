@@ -15,8 +15,14 @@ log = logging.getLogger(__name__)
 
 def train(
     data: Annotated[Path, typer.Argument(help="Dataset directory (AICUP csv layout or ImageFolder).")],
-    arch: Annotated[Path, typer.Option("--arch", help="arch.json to train (from `mnet search` or `mnet arch sample`).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory: metrics.jsonl, last.pt, best.pt.")],
+    arch: Annotated[Optional[Path], typer.Option("--arch", help="arch.json to train (from `mnet search` or "
+                                                 "`mnet arch sample`).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Instead of --arch: a torchvision baseline "
+                     "(alexnet, vgg16, resnext50_32x4d, densenet121, shufflenet_v2_x1_0).")] = None,
+    input_size: Annotated[int, typer.Option(help="Baselines: square input size.")] = 224,
+    pretrained: Annotated[bool, typer.Option(help="Baselines: start from ImageNet weights in the local torch "
+                                             "cache (never downloaded).")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs (paper: 100).")] = 100,
     batch_size: Annotated[int, typer.Option(help="Batch size (paper: 128).")] = 128,
     lr: Annotated[float, typer.Option(help="SGD learning rate (paper: 0.001).")] = 0.001,
@@ -31,17 +37,31 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (same options).")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
 ) -> None:
-    """Train an architecture from scratch; keeps the best dev-accuracy epoch in OUT/best.pt."""
+    """Train an architecture (or, as `mnet baseline`, a torchvision model) from scratch; keeps the best
+    dev-accuracy epoch in OUT/best.pt."""
     from mnet.arch import Arch
+    from mnet.errors import ConfigError
     from mnet.io import read_json
     from mnet.preprocess import Preprocess
-    from mnet.search.train import TrainConfig, load_splits
+    from mnet.search.baselines import train_baseline
+    from mnet.search.train import TrainConfig
     from mnet.search.train import train as run_train
 
-    a = Arch.from_json(read_json(arch, "arch.json"))
+    if (arch is None) == (model is None):
+        raise ConfigError("give exactly one of --arch ARCH.json (an MNet) or --model NAME (a torchvision baseline)")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                       lr_schedule=lr_schedule, flip_p=flip_p, dropout=dropout, device=device, amp=amp, seed=seed)
-    pre = Preprocess(a.input_hw)
+    if arch is not None:
+        a = Arch.from_json(read_json(arch, "arch.json"))
+        pre = Preprocess(a.input_hw)
+
+        def run(**kw):
+            return run_train(data, a, out, cfg, preprocess=pre, arch_source=str(arch), **kw)
+    else:
+        pre = Preprocess((input_size, input_size))
+
+        def run(**kw):
+            return train_baseline(data, model, out, cfg, input_size=input_size, pretrained=pretrained, **kw)
     splits = _load_with_progress(data, pre, strict)
     with progress_bar() as p:
         task = p.add_task("train", total=epochs, info="")
@@ -54,8 +74,7 @@ def train(
             p.update(task, completed=r["epoch"],
                      info=f"loss {r['train_loss']:.3f} dev acc {r['dev_acc']:.3f}")
 
-        result = run_train(data, a, out, cfg, resume=resume, preprocess=pre, splits=splits,
-                           on_step=on_step, on_epoch=on_epoch)
+        result = run(resume=resume, splits=splits, on_step=on_step, on_epoch=on_epoch)
     console.print(f"best dev accuracy {result.best_dev_accuracy:.4f} at epoch {result.best_epoch}; "
                   f"{result.seconds:.1f}s → {out / 'best.pt'}")
 
@@ -130,4 +149,6 @@ def evaluate(
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+    app.command("baseline", help="Train a torchvision baseline (paper Table 2) with the same pipeline as "
+                "`mnet train`: `mnet baseline DATA --model NAME --out RUN`.")(train)
     app.command("evaluate")(evaluate)

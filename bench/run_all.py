@@ -1,0 +1,100 @@
+"""`make bench`: run every benchmark on this machine, then regenerate README's Performance table.
+
+Each script prints one JSON object of ratios measured side by side in one run and writes it under
+bench/results/; the table below is built from those files only (never typed by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+# script, arguments sized for a 2-core CPU
+SCRIPTS = [
+    ("cpu_speedups.py", ["--archs", "2", "--reps", "2"]),
+    ("supernet_overhead.py", []),
+    ("inference.py", []),
+    ("latency_predictor.py", []),
+    ("runtime.py", []),
+    ("search_quality.py", []),
+]
+
+# result file → rows of (what, key, target text)
+ROWS = {
+    "cpu_speedups": [("Supernet/child step, exact crop vs naive full kernels (CPU)", "crop_speedup", None),
+                     ("… crop + dense depthwise vs naive (CPU)", "crop_dense_speedup", "≥ 3×")],
+    "supernet_overhead": [("Weight-sharing overhead: supernet step ÷ standalone child step", "overhead", "≤ 1.10")],
+    "inference": [("ORT CPU fp32 vs torch eager, mnet-24-32 batch 1", "ort_over_torch_mnet_24_32_b1", "≥ 10×"),
+                  ("ORT INT8 vs fp32, mnet-24-32 batch 1", "int8_over_fp32_mnet_24_32_b1", "≥ 1.5×"),
+                  ("INT8 accuracy drop (points)", "int8_accuracy_drop_points", "≤ 0.5")],
+    "latency_predictor": [("Latency predictor Kendall τ, ORT CPU, tiny", "ort_tiny_tau", "≥ 0.9"),
+                          ("Latency predictor MAPE, ORT CPU, tiny", "ort_tiny_mape", "≤ 10%"),
+                          ("Latency predictor Kendall τ, ORT CPU, mnet-24-32", "ort_mnet_24_32_tau", "≥ 0.9"),
+                          ("Latency predictor MAPE, ORT CPU, mnet-24-32", "ort_mnet_24_32_mape", "≤ 10%")],
+    "runtime": [("Conveyor runtime processed fps (640×480, ORT CPU)", "processed_fps", "≥ 120"),
+                ("Runtime ÷ decode-only fps", "ratio_to_decode", "≥ 0.5"),
+                ("Runtime frame p99 (ms)", "frame_p99_ms", "≤ 20")],
+    "search_quality": [("ENAS pick test accuracy (tiny, synthetic)", "enas_test_acc", None),
+                       ("Random-search pick test accuracy", "random_test_acc", None),
+                       ("Kendall τ supernet rank vs standalone", "kendall_tau", None)],
+}
+
+BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def table() -> str:
+    lines = ["| measurement | value | target | from |", "|---|---|---|---|"]
+    for name, rows in ROWS.items():
+        f = RESULTS / f"{name}.json"
+        if not f.exists():
+            continue
+        data = json.loads(f.read_text())
+        for what, key, target in rows:
+            if key in data:
+                lines.append(f"| {what} | {_fmt(data[key])} | {target or ''} | `bench/results/{name}.json` |")
+    return "\n".join(lines)
+
+
+def update_readme() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text:
+        return
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
+
+
+def main() -> int:
+    only = set(sys.argv[1:])
+    failed = []
+    for script, args in SCRIPTS:
+        if only and script not in only:
+            continue
+        if not (HERE / script).exists():
+            continue
+        print(f"== {script}", flush=True)
+        r = subprocess.run([sys.executable, str(HERE / script), *args], cwd=HERE)
+        if r.returncode:
+            failed.append(script)
+    update_readme()
+    print(table())
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
