@@ -7,8 +7,9 @@ not convex with its fingers. So:
     frame ─► ROI ─► downscale ─► HSV ─► S ≥ sat_min and V ≥ val_min, minus skin ─► open/close
           ─► outer contours ─► area / solidity limits ─► boxes in frame coordinates
 
-The mask is computed at `scale` (½ by default: 4× fewer pixels, same boxes to a pixel or two at belt
-resolutions). A box touching the frame (or ROI) border is a partially visible fruit: it is still
+The mask is computed on the ROI shrunk to about `mask_width` pixels wide (320: half of a 640x480
+belt camera, a quarter of 1280x720 CSI): the cost stays flat with camera resolution, the boxes stay
+within a pixel or two, and the morphology kernels keep their meaning at any resolution. A box touching the frame (or ROI) border is a partially visible fruit: it is still
 returned, flagged `touches_edge`, so the tracker keeps its identity but votes with whole views.
 
 `full_frame=True` skips all of that: the whole frame (or ROI) is the one fruit, for hand-held shots
@@ -87,7 +88,7 @@ class LocalizeConfig:
     min_area: float = 0.003
     max_area: float = 0.5
     min_solidity: float = 0.75  # area / convex hull area: a mango ~0.95, an open hand ~0.6
-    scale: float = 0.5
+    mask_width: int = 320  # the mask's width in px; the ROI is shrunk to it (never enlarged)
     open_px: int = 3  # opening removes speckle from the belt texture (at mask scale)
     close_px: int = 7  # closing fills specular highlights and dark spots on the fruit
     edge_px: int = 2  # a box this close to the border counts as cut off
@@ -102,8 +103,8 @@ class LocalizeConfig:
         if not 0 <= self.min_area < self.max_area <= 1:
             raise ConfigError(f"localize fields min_area/max_area = {self.min_area}/{self.max_area}: "
                               "expected fractions of the frame with 0 <= min_area < max_area <= 1")
-        if not 0 < self.scale <= 1:
-            raise ConfigError(f"localize field 'scale' = {self.scale!r}: expected 0 < scale <= 1")
+        if self.mask_width < 32:
+            raise ConfigError(f"localize field 'mask_width' = {self.mask_width!r}: expected >= 32 px")
         if not 0 <= self.min_solidity <= 1:
             raise ConfigError(f"localize field 'min_solidity' = {self.min_solidity!r}: expected 0..1")
 
@@ -136,8 +137,9 @@ class Localizer:
         c = self.config
         x, y, w, h = self.region(frame)
         roi = frame[y:y + h, x:x + w]
-        if c.scale < 1:
-            roi = cv2.resize(roi, (max(1, round(w * c.scale)), max(1, round(h * c.scale))),
+        scale = min(1.0, c.mask_width / w)
+        if scale < 1:
+            roi = cv2.resize(roi, (max(1, round(w * scale)), max(1, round(h * scale))),
                              interpolation=cv2.INTER_AREA)
         hsv = cv2.cvtColor(roi, cv2.COLOR_BGR2HSV)
         mask = cv2.inRange(hsv, (0, c.sat_min, c.val_min), (180, 255, 255))

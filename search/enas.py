@@ -48,8 +48,10 @@ from mnet.preprocess import Preprocess
 from mnet.search.batches import DeviceData
 from mnet.search.checkpoint import FORMAT, save_checkpoint
 from mnet.search.controller import ControllerConfig, Reinforce
+from mnet.search.dense import select_depthwise
 from mnet.search.derive import Candidate, derive, derive_meta, write_derived
-from mnet.search.supernet import BN_MODES, Evaluator, RewardFn, Supernet, space_from_json, space_to_json
+from mnet.search.supernet import (BN_MODES, Evaluator, RewardFn, Supernet, dense_flags, set_dense_flags,
+                                  space_from_json, space_to_json)
 from mnet.search.train import autocast, load_splits, resolve_device
 
 __all__ = [
@@ -101,6 +103,7 @@ class SearchConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    fast_depthwise: bool = True  # exact dense depthwise where timing says it is faster (search.dense)
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises naming the presets
@@ -196,6 +199,8 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         files.restore(trainer, agent, evaluator)
     else:
         files.start()
+        if cfg.fast_depthwise:  # timed once here; the choice is saved so a resumed run computes alike
+            select_depthwise(trainer.supernet, batch=cfg.batch_size)
 
     # the schedule; every step boundary may save (periodically, or on Ctrl-C) and report progress
     def on_batch(done: int, total: int) -> None:
@@ -354,6 +359,7 @@ class SupernetTrainer:
         gauss = self.arch_rng.getstate()
         return {
             "model": {k: v.detach().cpu() for k, v in self.supernet.state_dict().items()},
+            "dense": dense_flags(self.supernet),
             "optimizer": self.optimizer.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch, "loss_sum": self._loss_sum.cpu(),
                          "correct": self._correct.cpu()},
@@ -365,6 +371,7 @@ class SupernetTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.supernet.load_state_dict(state["model"])
+        set_dense_flags(self.supernet, state["dense"])
         self.optimizer.load_state_dict(state["optimizer"])
         pos, rng = state["position"], state["rng"]
         self.epoch, self.batch = int(pos["epoch"]), int(pos["batch"])
@@ -592,6 +599,7 @@ def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
         raise CheckpointError(f"{run}: the dataset's train split differs from the one searched on")
     supernet = Supernet(space).to(dev)
     supernet.load_state_dict(raw["model"])
+    set_dense_flags(supernet, raw["dense"])
     agent = None
     if cfg.strategy == "enas":
         path = run / "controller.pt"

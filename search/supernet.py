@@ -39,6 +39,7 @@ from mnet.search.batches import DeviceData
 from mnet.search.checkpoint import FORMAT
 from mnet.search.model import MNet
 from mnet.search.ops import Head, SepConv, Stem, forward_arch
+from mnet.search.reward import accuracy_reward
 from mnet.search.train import autocast
 
 __all__ = [
@@ -50,7 +51,8 @@ __all__ = [
     "recalibrate_bn",
     "load_supernet",
     "RewardFn",
-    "accuracy_reward",
+    "dense_flags",
+    "set_dense_flags",
     "Score",
     "Evaluator",
 ]
@@ -58,13 +60,23 @@ __all__ = [
 BN_MODES = ("batch", "running", "recalibrate")
 
 # reward(arch, accuracy) -> (reward, extras): extras (e.g. a predicted latency) are logged per sample
-# and stored with the top-k. The latency-aware reward R = acc x (LAT/T)^w plugs in here.
+# and stored with the top-k. `mnet.search.reward` has the paper's accuracy reward and the latency-aware
+# R = acc x (LAT/T)^w.
 RewardFn = Callable[[Arch, float], tuple[float, dict[str, Any]]]
 
 
-def accuracy_reward(arch: Arch, accuracy: float) -> tuple[float, dict[str, Any]]:
-    """The paper's reward: the accuracy on one validation minibatch, nothing else."""
-    return accuracy, {}
+def dense_flags(model: nn.Module) -> list[bool]:
+    """Which SepConvs use the dense depthwise form (`search.dense`), in `model.modules()` order."""
+    return [bool(m.dense) for m in model.modules() if isinstance(m, SepConv)]
+
+
+def set_dense_flags(model: nn.Module, flags: list[bool]) -> None:
+    """Put back `dense_flags` (a resumed run must compute exactly as before the interruption)."""
+    cells = [m for m in model.modules() if isinstance(m, SepConv)]
+    if len(cells) != len(flags):
+        raise CheckpointError(f"{len(flags)} saved depthwise choices for {len(cells)} ops: not this network")
+    for m, dense in zip(cells, flags):
+        m.dense = bool(dense)
 
 
 def space_to_json(space: SearchSpace) -> dict[str, Any]:
@@ -142,6 +154,8 @@ class Supernet(nn.Module):
         """A standalone `MNet(arch)` holding copies of the supernet's weights for `arch`."""
         model = MNet(arch, dropout=dropout)
         model.load_state_dict(self.child_state_dict(arch))
+        for cell, shared in zip(model.cells, self.path(arch)):
+            cell.dense = shared.dense  # the same depthwise implementation: the same numbers
         return model.to(next(self.parameters()).device)
 
 
@@ -204,6 +218,8 @@ def load_supernet(path: str | os.PathLike, map_location: str | torch.device = "c
         net.load_state_dict(raw["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match its search space ({str(e)[:200]})") from None
+    if raw.get("dense"):
+        set_dense_flags(net, raw["dense"])
     return net.to(map_location), raw
 
 

@@ -34,6 +34,15 @@ def test_every_mango_colour_is_found_with_a_tight_box(grade):
         assert not b.touches_edge
 
 
+def test_mask_width_keeps_hd_frames_cheap_and_boxes_tight():
+    img = _belt(7, (720, 1280))
+    truth = _mango(img, 7, (640, 360), (110, 72), angle=-20.0)
+    loc = Localizer()
+    assert loc.mask(img).shape == (180, 320)  # shrunk 4x, like a 640x480 frame 2x
+    (b,) = loc(img)
+    assert max(abs(b.x - truth.x), abs(b.y - truth.y), abs(b.x2 - truth.x2), abs(b.y2 - truth.y2)) <= 10
+
+
 def test_hands_are_not_fruit():
     img = _belt(1, (480, 640))
     for i, tone in enumerate(_HAND_TONES):

@@ -26,6 +26,21 @@ def _half_reward(arch, acc):
     return 0.5 * acc, {"mmacs": arch.macs() / 1e6}
 
 
+def _every_other_dense(model, batch=128, **_):
+    """Stands in for the timing-based choice: deterministic, and mixed, so a resume must restore it."""
+    from mnet.search.ops import SepConv
+
+    for i, m in enumerate(x for x in model.modules() if isinstance(x, SepConv)):
+        m.dense = i % 2 == 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixed_depthwise_choice():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mnet.search.enas.select_depthwise", _every_other_dense)
+        yield
+
+
 @pytest.fixture(scope="module")
 def splits(colour_data):
     """48 training images (39 for the supernet = 5 batches of 8, 9 for rewards: a reward minibatch of 8 is a true sample): fast on a CPU."""
@@ -102,6 +117,7 @@ def test_two_stage_writes_every_file(runs):
 
     net, raw = load_supernet(run / "supernet.pt")
     assert raw["position"]["epoch"] == 2 and net.space.name == "tiny"
+    assert raw["dense"] == [i % 2 == 1 for i in range(80)] == [c.dense for layer in net.cells for c in layer]
     assert torch.load(run / "controller.pt", weights_only=True)["agent"]["step"] == 6
 
 

@@ -9,7 +9,8 @@ from mnet.arch import PRESETS, Arch, Layer
 from mnet.errors import CheckpointError, ConfigError
 from mnet.search.checkpoint import save_checkpoint
 from mnet.search.model import MNet
-from mnet.search.supernet import Supernet, batch_stats, load_supernet, recalibrate_bn, space_to_json
+from mnet.search.supernet import (Supernet, batch_stats, dense_flags, load_supernet, recalibrate_bn,
+                                  set_dense_flags, space_to_json)
 
 TINY = PRESETS["tiny"]
 
@@ -66,6 +67,21 @@ def test_path_equals_standalone_eval_and_train(supernet, arch):
     supernet.zero_grad(set_to_none=True)
 
 
+def test_child_uses_the_same_depthwise_implementation(supernet):
+    arch = ARCHS[3]
+    for i, op in enumerate(supernet.path(arch)):
+        op.dense = i % 2 == 0
+    try:
+        child = supernet.child(arch).eval()
+        assert [c.dense for c in child.cells] == [True, False, True, False]
+        x = torch.randn(4, 3, 24, 32)
+        with torch.no_grad():
+            assert torch.equal(supernet.eval()(x, arch), child(x))
+    finally:
+        for op in supernet.path(arch):
+            op.dense = False
+
+
 def test_child_state_dict_names_and_copies(supernet):
     arch = ARCHS[0]
     sd = supernet.child_state_dict(arch)
@@ -110,13 +126,18 @@ def test_recalibrate_is_the_exact_mean_over_batches():
 
 
 def test_load_supernet_round_trip(supernet, tmp_path):
+    flags = [i % 3 == 0 for i in range(80)]
     save_checkpoint(tmp_path / "supernet.pt", {"kind": "supernet", "space": space_to_json(TINY),
-                                               "model": supernet.state_dict()})
+                                               "model": supernet.state_dict(), "dense": flags})
     net, raw = load_supernet(tmp_path / "supernet.pt")
-    assert net.space == TINY
+    assert net.space == TINY and dense_flags(net) == flags
     x = torch.randn(2, 3, 24, 32)
-    with torch.no_grad():
-        assert torch.equal(net.eval()(x, ARCHS[0]), supernet.eval()(x, ARCHS[0]))
+    set_dense_flags(supernet, flags)
+    try:
+        with torch.no_grad():
+            assert torch.equal(net.eval()(x, ARCHS[0]), supernet.eval()(x, ARCHS[0]))
+    finally:
+        set_dense_flags(supernet, [False] * 80)
     save_checkpoint(tmp_path / "other.pt", {"kind": "mnet"})
     with pytest.raises(CheckpointError, match="not an mnet supernet"):
         load_supernet(tmp_path / "other.pt")

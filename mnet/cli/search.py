@@ -30,6 +30,8 @@ def search(
     val_fraction: Annotated[float, typer.Option(help="Share of the train split held out for rewards.")] = 0.2,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision (bf16 where supported).")] = False,
+    fast_depthwise: Annotated[bool, typer.Option(help="Time conv vs the exact dense depthwise form per op once "
+                                                      "and use the faster (minutes on a CPU, pays off).")] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT (same options).")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
@@ -46,7 +48,7 @@ def search(
     cfg = SearchConfig(preset=preset, strategy=strategy, schedule=schedule, supernet_epochs=supernet_epochs,
                        derive_samples=derive_samples, batch_size=batch_size, lr=lr, bn=bn, val_fraction=val_fraction,
                        controller=ControllerConfig(steps=controller_steps, lr=controller_lr),
-                       seed=seed, device=device, amp=amp)
+                       seed=seed, device=device, amp=amp, fast_depthwise=fast_depthwise)
     splits = _load_with_progress(data, Preprocess(get_preset(preset).input_hw), strict, ("train",))
     with progress_bar() as p:
         tasks = {"supernet": p.add_task("supernet", total=supernet_epochs, info="")}

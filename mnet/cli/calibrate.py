@@ -1,0 +1,50 @@
+"""`mnet calibrate ...`: calibration for a target device (INT8 here; latency tables join this sub-app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mnet.cli._common import console, err
+
+__all__ = ["calibrate_app", "register"]
+
+calibrate_app = typer.Typer(help="Calibrate for a target: INT8 quantisation of a bundle, latency tables.",
+                            no_args_is_help=True)
+
+
+@calibrate_app.command("int8")
+def int8(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mnet export onnx`).")],
+    data: Annotated[Path, typer.Argument(help="Dataset: train images calibrate, the dev split measures.")],
+    samples: Annotated[int, typer.Option(help="Calibration images from the train split (300+ recommended).")] = 512,
+    method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--no-per-channel",
+                                              help="Per-channel weight scales.")] = True,
+    activations: Annotated[str, typer.Option(help="int8 (symmetric, TensorRT-compatible) or uint8 "
+                                                  "(asymmetric, onnxruntime CPU only).")] = "int8",
+    split: Annotated[str, typer.Option(help="Split the fp32 and int8 accuracies are measured on.")] = "dev",
+) -> None:
+    """Quantise model.onnx to model.int8.onnx (QDQ) and record fp32 vs int8 accuracy in the card."""
+    from mnet.calibration.int8 import calibrate_int8
+
+    with err.status("int8 …") as status:
+        report = calibrate_int8(bundle, data, samples, method, per_channel, activations=activations,
+                                eval_split=split, on_stage=lambda s: status.update(f"int8: {s} …"))
+    for w in report.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    t = Table(title=f"{report.path} ({report.method}, {report.calibration_images} calibration images)")
+    for col in ("split", "fp32 accuracy", "int8 accuracy", "drop (points)", "top-1 agreement"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{report.split} (n={report.n})", f"{report.fp32_accuracy:.4f}", f"{report.accuracy:.4f}",
+              f"{report.drop_points:+.2f}", f"{report.top1_agreement:.3f}")
+    console.print(t)
+    if not report.tensorrt_compatible:
+        err.print("note: uint8 activations run on onnxruntime CPU only; TensorRT needs --activations int8")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(calibrate_app, name="calibrate")

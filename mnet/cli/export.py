@@ -1,0 +1,127 @@
+"""`mnet export onnx`, `mnet export tensorrt` and `mnet bundle show`: thin wrappers over mnet.export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from mnet.cli._common import console, err, print_json
+
+__all__ = ["export_app", "bundle_app", "register"]
+
+export_app = typer.Typer(help="Export a trained model: a verified ONNX bundle, then TensorRT engines on the device.",
+                         no_args_is_help=True)
+bundle_app = typer.Typer(help="Inspect bundles (model.onnx + mnet.json + optional int8 model and engines).",
+                         no_args_is_help=True)
+
+
+@export_app.command("onnx")
+def onnx_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to export (RUN/best.pt or a run directory).")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle directory to write.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (17: TensorRT 8.5/8.6 on JetPack 5/6 read at most 17).")] = 17,
+    batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size.")] = "dynamic",
+    simplify: Annotated[bool, typer.Option(help="Run onnxslim on the graph (pip install onnxslim).")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset whose train images the parity check uses "
+                                                       "(default: synthetic images).")] = None,
+    parity_images: Annotated[int, typer.Option(help="Images in the parity check.")] = 32,
+    exporter: Annotated[str, typer.Option(help="auto, torchscript or dynamo (torch.export).")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
+) -> None:
+    """Export to ONNX (fp32), check it (onnx.checker, parity with PyTorch) and write the bundle."""
+    from mnet.export.onnx import export_onnx
+
+    with err.status(f"exporting {checkpoint} …"):
+        b = export_onnx(checkpoint, out, opset=opset, batch=batch, simplify=simplify, data_root=data,
+                        parity_images=parity_images, exporter=exporter, overwrite=force)
+    p = b.card.metrics["parity"]
+    console.print(f"bundle → {b.path}")
+    console.print(f"  {b.card.tools.get('exporter')} exporter, opset {b.card.opset}, input {b.card.input_shape}, "
+                  f"{b.onnx_path.stat().st_size / 1e6:.2f} MB")
+    console.print(f"  parity on {p['images']} images ({p['source']}): max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
+                  f"top-1 agreement {p['top1_agreement']:.3f}", highlight=False)
+
+
+@export_app.command("tensorrt")
+def tensorrt_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mnet export onnx`).")],
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (int8 needs `mnet calibrate int8` first).")] = "fp32",
+    max_batch: Annotated[int, typer.Option(help="Largest batch the engine takes (profile 1..N, optimised for N).")] = 8,
+    workspace_mb: Annotated[int, typer.Option(help="Builder workspace limit in MiB.")] = 1024,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file to read and update "
+                                                              "(faster rebuilds).")] = None,
+    dla: Annotated[Optional[int], typer.Option(help="Build for this DLA core (Jetson AGX/NX; fp16/int8), "
+                                                    "GPU fallback on.")] = None,
+    print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec command "
+                                                                        "and build nothing.")] = False,
+) -> None:
+    """Build a TensorRT engine for this GPU and TensorRT version, with its sidecar, into the bundle."""
+    if print_trtexec:
+        from mnet.export.tensorrt import trtexec_command
+
+        typer.echo(trtexec_command(bundle, precision, max_batch, workspace_mb, timing_cache, dla))
+        err.print("note: mnet runs only engines that have the sidecar `mnet export tensorrt` writes", highlight=False)
+        return
+    from mnet.export.tensorrt import build_engine
+
+    with err.status(f"building the {precision} engine (this can take minutes) …"):
+        build = build_engine(bundle, precision, max_batch, workspace_mb, timing_cache, dla)
+    i = build.info
+    console.print(f"engine → {build.path}", highlight=False)
+    console.print(f"  TensorRT {i.tensorrt_version} on {i.gpu_name} (sm {i.compute_capability[0]}.{i.compute_capability[1]}), "
+                  f"{i.precision} from {i.onnx_file}, batch {i.min_batch}..{i.max_batch}"
+                  f"{', strongly typed' if i.strongly_typed else ''}; sidecar {build.sidecar.name}", highlight=False)
+
+
+@bundle_app.command("show")
+def show(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")] = False,
+) -> None:
+    """Print the bundle card: model, preprocessing, metrics, latencies, files and engines."""
+    from mnet.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    c = b.card
+    if as_json:
+        print_json(c.to_json())
+        return
+    t = Table(title=str(b.path), show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    arch = (f"{c.arch.num_layers} layers, width {c.arch.width}, input {c.arch.input_hw[0]}x{c.arch.input_hw[1]}"
+            if c.arch else c.display_name)
+    t.add_row("model", arch)
+    t.add_row("classes", ", ".join(c.classes))
+    t.add_row("input", f"{c.input_name} {c.input_shape} float32 NCHW; output {c.output_name} ({c.output})")
+    pre = c.preprocess
+    t.add_row("preprocessing", f"mean {list(pre.mean)} std {list(pre.std)} {pre.interpolation} "
+                               f"rotate_portrait={pre.rotate_portrait}")
+    t.add_row("params / MACs", f"{c.params:,} / {c.macs:,}" if c.macs is not None else f"{c.params:,} / -")
+    for key, value in c.metrics.items():
+        t.add_row(f"metrics.{key}", _brief(value))
+    for key, value in c.latency.items():
+        t.add_row(f"latency.{key}", _brief(value))
+    t.add_row("source", f"{c.source.get('checkpoint')} (sha256 {str(c.source.get('sha256'))[:12]}…)")
+    t.add_row("tools", ", ".join(f"{k} {v}" for k, v in c.tools.items()))
+    files = [p.name for p in (b.onnx_path, b.int8_path, b.fp16_path) if p.is_file()]
+    t.add_row("files", ", ".join(files))
+    for path, info, why in b.engines():
+        t.add_row("engine", f"{path.name}: " + (f"TensorRT {info.tensorrt_version}, {info.gpu_name}, {info.precision}, "
+                                                f"batch ≤ {info.max_batch}" if info else f"unusable ({why})"))
+    console.print(t)
+
+
+def _brief(value) -> str:
+    if not isinstance(value, dict):
+        return str(value)
+    keep = {k: v for k, v in value.items() if not isinstance(v, (dict, list)) or k == "warnings"}
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items())
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(export_app, name="export")
+    app.add_typer(bundle_app, name="bundle")

@@ -1,0 +1,545 @@
+"""Inference backends: TensorRT engines, ONNX Runtime and PyTorch behind one small interface.
+
+    backend = open_backend("bundle/", backend="auto", precision="fp16")
+    probs = backend.infer(nchw_float32)          # (N, C) float32 probabilities
+
+Every backend takes NCHW float32 (the output of `Preprocess`) and returns probabilities: the bundle's
+models output logits and `Backend.infer` applies the softmax, so all backends agree by construction.
+Batches larger than an engine's profile allows are split; a fixed-batch ONNX model is fed padded chunks.
+
+Nothing heavy is imported at module level: not torch (a Jetson runtime has none — a test proves it),
+not tensorrt, not CUDA. TensorRT device memory goes through cuda-python (`cuda.bindings.runtime`, or
+the older `cuda.cudart`), or through torch when only torch is there; both wrappers are a few lines.
+
+TensorRT engines only run on the TensorRT version and GPU that built them. Each engine's sidecar
+(`*.engine.json`, `mnet.bundle.EngineInfo`) records both, and `TensorRTBackend` refuses a mismatch
+with the command that rebuilds it, instead of failing inside TensorRT.
+
+TensorRT API: the name-based tensor API (`num_io_tensors`, `get_tensor_name`, `get_tensor_mode`,
+`set_input_shape`, `set_tensor_address`, `execute_async_v3`; TensorRT >= 8.5, the only one in 10 and 11)
+and, only where it is absent (8.2/8.4 on JetPack 4.6 and 5.0), the binding API (`execute_async_v2`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from mnet.bundle import PRECISIONS, Bundle, EngineInfo, load_bundle
+from mnet.errors import BackendError, ConfigError, MnetError
+from mnet.io import read_json
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "OnnxRuntimeBackend",
+    "TensorRTBackend",
+    "TorchBackend",
+    "open_backend",
+    "softmax",
+    "import_tensorrt",
+    "tensorrt_available",
+    "cuda_runtime",
+    "read_sidecar",
+    "engine_mismatch",
+    "find_engine",
+    "ort_providers",
+    "TENSORRT_INSTALL_HINT",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+_TRT_EP, _CUDA_EP, _CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+_PROVIDER_ALIASES = {"cpu": [_CPU_EP], "cuda": [_CUDA_EP, _CPU_EP], "tensorrt": [_TRT_EP, _CUDA_EP, _CPU_EP]}
+TENSORRT_INSTALL_HINT = ("TensorRT's Python package is not importable: on a Jetson it comes with JetPack "
+                         "(apt install python3-libnvinfer; use a venv with --system-site-packages); on x86 "
+                         "pip install tensorrt cuda-python (NVIDIA's index, https://pypi.nvidia.com)")
+
+Providers = Union[str, Sequence[Union[str, tuple]]]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for large logits."""
+    z = np.asarray(logits, np.float32)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Backend:
+    """One model ready to run. Subclasses set the attributes below and implement `_run` (logits)."""
+
+    name: str = ""
+    precision: str = "fp32"
+    providers: tuple[str, ...] = ()  # what really runs the model (ORT providers, GPU name, torch device)
+    input_hw: tuple[int, int] | None = None
+    num_classes: int = 0
+    max_batch: int | None = None  # largest batch one `_run` may take (None: any)
+    exact_batch: int | None = None  # the only batch `_run` takes (fixed-batch ONNX); chunks are padded
+    output: str = "logits"  # what `_run` returns: "logits" (softmax applied here) or "probs"
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision} on {', '.join(self.providers) or 'unknown'}"
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """NCHW float32 batch → (N, C) float32 probabilities."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != 3 or (self.input_hw and tuple(x.shape[2:]) != tuple(self.input_hw)):
+            want = f"(N, 3, {self.input_hw[0]}, {self.input_hw[1]})" if self.input_hw else "(N, 3, H, W)"
+            raise BackendError(f"{self.name}: input of shape {tuple(x.shape)}, the model takes {want} float32")
+        if len(x) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        step = self.exact_batch or self.max_batch or len(x)
+        outs = []
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            pad = (self.exact_batch - len(chunk)) if self.exact_batch else 0
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+            outs.append(np.asarray(self._run(chunk), np.float32)[:len(chunk) - pad])
+        y = np.concatenate(outs)
+        return softmax(y) if self.output == "logits" else y
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the backend holds (device memory, sessions)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --- ONNX Runtime --------------------------------------------------------------------------------
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError("onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu") from None
+    return onnxruntime
+
+
+def ort_providers(providers: Providers, available: Sequence[str]) -> tuple[list, bool]:
+    """Providers to ask ONNX Runtime for, and whether the first one was asked for explicitly.
+
+    "auto": TensorRT → CUDA → CPU, those this onnxruntime build lists. "cpu" / "cuda" / "tensorrt",
+    or a list of provider names (or (name, options) pairs) as ONNX Runtime takes them.
+    """
+    if isinstance(providers, str):
+        if providers == "auto":
+            return [p for p in (_TRT_EP, _CUDA_EP, _CPU_EP) if p in available] or [_CPU_EP], False
+        if providers not in _PROVIDER_ALIASES:
+            raise ConfigError(f"providers {providers!r}: choose auto, cpu, cuda, tensorrt or a list of "
+                              f"onnxruntime provider names ({', '.join(available)})")
+        want = list(_PROVIDER_ALIASES[providers])
+    else:
+        want = list(providers)
+    first = want[0][0] if isinstance(want[0], tuple) else want[0]
+    if first not in available:
+        raise BackendError(f"onnxruntime provider {first} is not in this onnxruntime build (it has "
+                           f"{', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT or use providers='cpu'")
+    return want, True
+
+
+class OnnxRuntimeBackend(Backend):
+    """An ONNX model in ONNX Runtime; `providers` reports what the session really got.
+
+    onnxruntime-gpu lists CUDA (and TensorRT) even where their libraries are missing, and then silently
+    runs on CPU; so the providers come from `session.get_providers()`, and an explicit request
+    (providers="cuda") that did not come up raises instead of falling back.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | os.PathLike, providers: Providers = "auto", *, precision: str = "fp32",
+                 output: str = "logits", threads: int | None = None, trt_cache_dir: str | os.PathLike | None = None):
+        ort = _import_onnxruntime()
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise BackendError(f"ONNX model not found: {model_path}")
+        want, explicit = ort_providers(providers, ort.get_available_providers())
+        want = [_with_trt_options(p, precision, trt_cache_dir) for p in want]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3  # a provider that fails to start is reported below, not as C++ log noise
+        try:
+            self.session = ort.InferenceSession(str(model_path), so, providers=want)
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BackendError(f"{model_path}: onnxruntime cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
+        self.providers = tuple(self.session.get_providers())
+        asked = [p[0] if isinstance(p, tuple) else p for p in want]
+        if explicit and asked[0] not in self.providers:
+            raise BackendError(f"onnxruntime could not start {asked[0]} (the session runs on {', '.join(self.providers)}); "
+                               "check the CUDA/cuDNN/TensorRT libraries that your onnxruntime-gpu needs, or use providers='cpu'")
+        dropped = [p for p in asked if p not in self.providers]
+        if dropped:
+            log.warning("onnxruntime could not start %s; running on %s", ", ".join(dropped), ", ".join(self.providers))
+        if precision == "fp16" and _TRT_EP not in self.providers:
+            raise BackendError("fp16 with onnxruntime needs its TensorRT provider (the session runs on "
+                               f"{', '.join(self.providers)}); use fp32/int8, or a TensorRT engine")
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        shape = list(inp.shape)
+        self.input_hw = tuple(shape[2:]) if all(isinstance(v, int) for v in shape[2:]) else None
+        self.exact_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        self.num_classes = out.shape[1] if len(out.shape) == 2 and isinstance(out.shape[1], int) else 0
+        self.precision, self.output, self.model_path = precision, output, model_path
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _with_trt_options(provider, precision: str, cache_dir) -> Any:
+    """TensorRT provider options: precision flags and an engine cache (a build takes minutes on a Jetson)."""
+    if provider != _TRT_EP:
+        return provider
+    opts: dict[str, Any] = {"trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8"}
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
+    return (provider, opts)
+
+
+# --- CUDA memory (cuda-python, or torch) ---------------------------------------------------------
+class _CudaPython:
+    """Device memory, copies and a stream through cuda-python's runtime bindings."""
+
+    source = "cuda-python"
+
+    def __init__(self) -> None:
+        try:
+            from cuda.bindings import runtime as rt  # cuda-python >= 12.6
+        except ImportError:
+            from cuda import cudart as rt  # older cuda-python
+        self.rt = rt
+
+    def _ok(self, result: Any, what: str) -> Any:
+        result = result if isinstance(result, tuple) else (result,)
+        err, rest = result[0], result[1:]
+        if err != self.rt.cudaError_t.cudaSuccess:
+            raise BackendError(f"CUDA {what} failed: {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def device(self) -> tuple[str, tuple[int, int]]:
+        dev = self._ok(self.rt.cudaGetDevice(), "cudaGetDevice")
+        prop = self._ok(self.rt.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
+        name = prop.name
+        name = bytes(name).split(b"\0")[0].decode() if isinstance(name, (bytes, bytearray)) else str(name)
+        return name, (int(prop.major), int(prop.minor))
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._ok(self.rt.cudaMalloc(nbytes), "cudaMalloc"))
+
+    def free(self, ptr: int) -> None:
+        self._ok(self.rt.cudaFree(ptr), "cudaFree")
+
+    def stream(self) -> Any:
+        return self._ok(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+
+    def handle(self, stream: Any) -> int:
+        return int(stream)
+
+    def htod(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._ok(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream), "cudaMemcpyAsync")
+
+    def dtoh(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._ok(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream), "cudaMemcpyAsync")
+
+    def sync(self, stream: Any) -> None:
+        self._ok(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+    def destroy(self, stream: Any) -> None:
+        self._ok(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
+
+
+class _CudaTorch:
+    """The same through torch, for machines with torch but without cuda-python (lazy import)."""
+
+    source = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendError("torch sees no CUDA device")
+        self.torch, self._buffers = torch, {}
+
+    def device(self) -> tuple[str, tuple[int, int]]:
+        return self.torch.cuda.get_device_name(), tuple(self.torch.cuda.get_device_capability())
+
+    def malloc(self, nbytes: int) -> int:
+        t = self.torch.empty(nbytes, dtype=self.torch.uint8, device="cuda")
+        self._buffers[t.data_ptr()] = t
+        return t.data_ptr()
+
+    def free(self, ptr: int) -> None:
+        self._buffers.pop(ptr, None)
+
+    def stream(self) -> Any:
+        return self.torch.cuda.Stream()
+
+    def handle(self, stream: Any) -> int:
+        return int(stream.cuda_stream)
+
+    def htod(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        with self.torch.cuda.stream(stream):
+            self._buffers[dst][:src.nbytes].copy_(self.torch.from_numpy(src.reshape(-1).view(np.uint8)))
+
+    def dtoh(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        stream.synchronize()
+        dst.reshape(-1).view(np.uint8)[:] = self._buffers[src][:dst.nbytes].cpu().numpy()
+
+    def sync(self, stream: Any) -> None:
+        stream.synchronize()
+
+    def destroy(self, stream: Any) -> None:
+        pass
+
+
+def cuda_runtime():
+    """The CUDA wrapper: cuda-python when importable, else torch; BackendError when neither works."""
+    errors = []
+    for cls in (_CudaPython, _CudaTorch):
+        try:
+            return cls()
+        except (ImportError, MnetError) as e:
+            errors.append(f"{cls.source}: {e}")
+    raise BackendError("TensorRT needs CUDA device memory through cuda-python (pip install cuda-python) "
+                       f"or torch with CUDA; neither works here ({'; '.join(errors)})")
+
+
+# --- TensorRT ------------------------------------------------------------------------------------
+def tensorrt_available() -> bool:
+    """Whether `import tensorrt` can work, without importing it (which initialises CUDA)."""
+    try:
+        return importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):  # a broken install, or a module object without a spec
+        return False
+
+
+def import_tensorrt():
+    """The tensorrt module, or BackendError with one line on how to get it."""
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError:
+        raise BackendError(TENSORRT_INSTALL_HINT) from None
+
+
+def read_sidecar(engine_path: str | os.PathLike) -> EngineInfo:
+    engine_path = Path(engine_path)
+    side = engine_path.with_name(engine_path.name + ".json")
+    if not side.is_file():
+        raise BackendError(f"{engine_path}: no sidecar {side.name}, so mnet cannot tell which TensorRT and GPU "
+                           "built it; build engines with `mnet export tensorrt`")
+    try:
+        return EngineInfo.from_json(read_json(side, "engine sidecar"))
+    except MnetError as e:
+        raise BackendError(f"{side}: {e}") from None
+
+
+def engine_mismatch(info: EngineInfo, trt_version: str, gpu_name: str, capability: tuple[int, int]) -> str | None:
+    """Why an engine cannot run here (None when it can): TensorRT engines are tied to both."""
+    problems = []
+    if info.tensorrt_version != trt_version:
+        problems.append(f"TensorRT {info.tensorrt_version} built it, this is TensorRT {trt_version}")
+    if info.gpu_name != gpu_name or tuple(info.compute_capability) != tuple(capability):
+        problems.append(f"it was built for {info.gpu_name} (sm {info.compute_capability[0]}.{info.compute_capability[1]}), "
+                        f"this GPU is {gpu_name} (sm {capability[0]}.{capability[1]})")
+    return "; ".join(problems) or None
+
+
+def _rebuild_hint(bundle_dir: Path, precision: str) -> str:
+    return f"rebuild it on this device: mnet export tensorrt {bundle_dir} --precision {precision}"
+
+
+def find_engine(bundle: Bundle, precision: str, trt_version: str, gpu_name: str,
+                capability: tuple[int, int]) -> tuple[Path, EngineInfo]:
+    """The bundle's engine for `precision` that runs on this TensorRT and GPU, or BackendError saying why not."""
+    reasons = []
+    for path, info, why in bundle.engines():
+        if info is None:
+            reasons.append(f"{path.name}: {why}")
+            continue
+        if info.precision != precision:
+            continue
+        mismatch = engine_mismatch(info, trt_version, gpu_name, capability)
+        if mismatch is None:
+            return path, info
+        reasons.append(f"{path.name}: {mismatch}")
+    what = "; ".join(reasons) if reasons else "there is none"
+    raise BackendError(f"{bundle.path}: no {precision} TensorRT engine for TensorRT {trt_version} on {gpu_name} "
+                       f"({what}); {_rebuild_hint(bundle.path, precision)}")
+
+
+class TensorRTBackend(Backend):
+    """A serialized TensorRT engine (with its sidecar), run on one CUDA stream with preallocated buffers."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | os.PathLike, *, output: str = "logits", check: bool = True):
+        trt = import_tensorrt()
+        self._cuda = cuda_runtime()
+        engine_path = Path(engine_path)
+        info = read_sidecar(engine_path)
+        gpu_name, capability = self._cuda.device()
+        mismatch = engine_mismatch(info, trt.__version__, gpu_name, capability)
+        if check and mismatch:
+            raise BackendError(f"{engine_path.name} cannot run here: {mismatch}; "
+                               f"{_rebuild_hint(engine_path.parent, info.precision)}")
+        self.info, self.precision, self.output = info, info.precision, output
+        self.providers = (f"{gpu_name} (TensorRT {trt.__version__})",)
+        self.input_hw, self.max_batch = tuple(info.input_hw), info.max_batch
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"{engine_path}: TensorRT could not deserialize the engine (see its log above); "
+                               f"{_rebuild_hint(engine_path.parent, info.precision)}")
+        self.context = self.engine.create_execution_context()
+        self._v3 = hasattr(self.engine, "num_io_tensors")
+        self._tensors = self._io_tensors(trt)
+        inputs = [t for t in self._tensors if t["input"]]
+        outputs = [t for t in self._tensors if not t["input"]]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BackendError(f"{engine_path}: expected one input and one output tensor, got "
+                               f"{[t['name'] for t in inputs]} / {[t['name'] for t in outputs]}")
+        self._in, self._out = inputs[0], outputs[0]
+        self.num_classes = int(self._out["shape"][-1])
+        self._stream = self._cuda.stream()
+        for t in self._tensors:  # buffers for the largest batch the profile allows, allocated once
+            per_item = int(np.prod([d for d in t["shape"][1:]])) * t["dtype"].itemsize
+            t["ptr"] = self._cuda.malloc(per_item * self.max_batch)
+
+    def _io_tensors(self, trt) -> list[dict[str, Any]]:
+        e = self.engine
+        if self._v3:
+            names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+            return [{"name": n, "index": i, "input": e.get_tensor_mode(n) == trt.TensorIOMode.INPUT,
+                     "dtype": np.dtype(trt.nptype(e.get_tensor_dtype(n))), "shape": tuple(e.get_tensor_shape(n))}
+                    for i, n in enumerate(names)]
+        return [{"name": e.get_binding_name(i), "index": i, "input": e.binding_is_input(i),
+                 "dtype": np.dtype(trt.nptype(e.get_binding_dtype(i))), "shape": tuple(e.get_binding_shape(i))}
+                for i in range(e.num_bindings)]
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        x = np.ascontiguousarray(x, dtype=self._in["dtype"])
+        out = np.empty((n, self.num_classes), self._out["dtype"])
+        cuda, stream = self._cuda, self._stream
+        cuda.htod(self._in["ptr"], x, stream)
+        if self._v3:
+            self.context.set_input_shape(self._in["name"], tuple(x.shape))
+            for t in self._tensors:
+                self.context.set_tensor_address(t["name"], t["ptr"])
+            ok = self.context.execute_async_v3(cuda.handle(stream))
+        else:
+            self.context.set_binding_shape(self._in["index"], tuple(x.shape))
+            bindings = [0] * len(self._tensors)
+            for t in self._tensors:
+                bindings[t["index"]] = t["ptr"]
+            ok = self.context.execute_async_v2(bindings, cuda.handle(stream))
+        if not ok:
+            raise BackendError(f"TensorRT execution failed for a batch of {n} (see the TensorRT log)")
+        cuda.dtoh(out, self._out["ptr"], stream)
+        cuda.sync(stream)
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        for t in getattr(self, "_tensors", []):
+            if t.get("ptr"):
+                self._cuda.free(t.pop("ptr"))
+        if getattr(self, "_stream", None) is not None:
+            self._cuda.destroy(self._stream)
+            self._stream = None
+        self.context = self.engine = None
+
+
+# --- PyTorch -------------------------------------------------------------------------------------
+class TorchBackend(Backend):
+    """The source checkpoint in PyTorch (lazy import: a runtime without torch never gets here)."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu"):
+        try:
+            import torch
+            from mnet.search.checkpoint import build_model, load_checkpoint
+        except ImportError:
+            raise BackendError("the torch backend needs PyTorch: pip install 'mnet[train]', "
+                               "or use --backend onnxruntime / tensorrt") from None
+        self.torch = torch
+        ckpt = load_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        self.model = build_model(ckpt).to(self.device)
+        self.input_hw = tuple(ckpt.preprocess.input_hw)
+        self.num_classes = len(ckpt.classes)
+        self.providers = (str(self.device),)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+
+
+# --- choosing ------------------------------------------------------------------------------------
+def open_backend(bundle: Bundle | str | os.PathLike, backend: str = "auto", precision: str = "fp32", *,
+                 providers: Providers = "auto", threads: int | None = None) -> Backend:
+    """Open the bundle's model for `precision` on `backend` ("auto": a matching TensorRT engine when
+    tensorrt is importable and the bundle has one for this device, else ONNX Runtime)."""
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        backend = "tensorrt" if _engine_here(b, precision) else "onnxruntime"
+    if backend == "tensorrt":
+        trt = import_tensorrt()
+        gpu_name, capability = cuda_runtime().device()
+        path, _ = find_engine(b, precision, trt.__version__, gpu_name, capability)
+        return TensorRTBackend(path, output=b.card.output)
+    if backend == "onnxruntime":
+        model = b.int8_path if precision == "int8" else b.onnx_path
+        if not model.is_file():
+            raise BackendError(f"{b.path}: no {model.name}; make it with: mnet calibrate int8 {b.path} DATA")
+        return OnnxRuntimeBackend(model, providers, precision=precision, output=b.card.output, threads=threads,
+                                  trt_cache_dir=b.path / "ort-trt-cache")
+    if precision != "fp32":
+        raise BackendError(f"the torch backend runs fp32 only (asked for {precision}); use onnxruntime or tensorrt")
+    ckpt = b.card.source.get("checkpoint")
+    if not ckpt or not Path(ckpt).is_file():
+        raise BackendError(f"the torch backend needs the source checkpoint {ckpt or '(unknown)'}, which is not on "
+                           "this machine; use --backend onnxruntime or tensorrt")
+    return TorchBackend(ckpt)
+
+
+def _engine_here(bundle: Bundle, precision: str) -> bool:
+    """Whether `auto` should pick TensorRT: tensorrt importable, CUDA up, and a matching engine present."""
+    if not tensorrt_available() or not any(info and info.precision == precision for _, info, _ in bundle.engines()):
+        return False
+    try:
+        trt = import_tensorrt()
+        gpu_name, capability = cuda_runtime().device()
+        find_engine(bundle, precision, trt.__version__, gpu_name, capability)
+        return True
+    except MnetError as e:
+        log.info("backend auto: not using TensorRT (%s)", e)
+        return False
