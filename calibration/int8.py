@@ -117,7 +117,7 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         quant_pre_process(str(b.onnx_path), str(prepped))
         quantize_static(
             str(prepped), str(quantized), _Reader(pre.normalize(images), b.card.batch or batch_size, b.card.input_name,
-                    fixed=b.card.batch is not None),
+                    fixed=b.card.batch is not None, equal=method != "minmax"),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
@@ -160,13 +160,21 @@ def qdq_node_counts(path: str | os.PathLike) -> dict[str, int]:
 
 
 class _Reader(CalibrationDataReader):
-    """Preprocessed calibration images in batches the model accepts."""
+    """Preprocessed calibration images in batches the model (and the calibrator) accepts.
 
-    def __init__(self, x: np.ndarray, batch: int, input_name: str, fixed: bool):
-        if fixed and len(x) < batch:  # a fixed-batch model needs full batches: repeat images to fill one
-            x = np.concatenate([x, x[np.arange(batch - len(x)) % len(x)]])
-        stop = len(x) - len(x) % batch if fixed else len(x)  # fixed: drop a short tail rather than pad it
-        self.batches = [x[i:i + batch] for i in range(0, stop, batch)]
+    A fixed-batch model needs full batches. ORT's histogram calibrators (entropy, percentile) stack
+    every batch's activations into one array, so their batches must all have the same size: they get
+    the largest batch size <= `batch` that divides the image count, and nothing is dropped.
+    """
+
+    def __init__(self, x: np.ndarray, batch: int, input_name: str, fixed: bool, equal: bool):
+        if fixed:
+            if len(x) < batch:  # repeat images to fill the one batch
+                x = np.concatenate([x, x[np.arange(batch - len(x)) % len(x)]])
+            x = x[:len(x) - len(x) % batch]  # drop a short tail rather than pad it with repeats
+        elif equal:
+            batch = max(d for d in range(1, min(batch, len(x)) + 1) if len(x) % d == 0)
+        self.batches = [x[i:i + batch] for i in range(0, len(x), batch)]
         self.input_name, self._next = input_name, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -31,9 +32,18 @@ def int8(
     """Quantise model.onnx to model.int8.onnx (QDQ) and record fp32 vs int8 accuracy in the card."""
     from mnet.calibration.int8 import calibrate_int8
 
-    with err.status("int8 …") as status:
-        report = calibrate_int8(bundle, data, samples, method, per_channel, activations=activations,
-                                eval_split=split, on_stage=lambda s: status.update(f"int8: {s} …"))
+    # The library logs its warnings; the report carries them too and is printed below, so without -v
+    # the log copy would only repeat them.
+    lib_log = logging.getLogger("mnet.calibration.int8")
+    level = lib_log.level
+    if not lib_log.isEnabledFor(logging.INFO):
+        lib_log.setLevel(logging.ERROR)
+    try:
+        with err.status("int8 …") as status:
+            report = calibrate_int8(bundle, data, samples, method, per_channel, activations=activations,
+                                    eval_split=split, on_stage=lambda s: status.update(f"int8: {s} …"))
+    finally:
+        lib_log.setLevel(level)
     for w in report.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     t = Table(title=f"{report.path} ({report.method}, {report.calibration_images} calibration images)")

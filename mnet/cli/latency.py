@@ -68,10 +68,7 @@ def check(
 
 
 def register(app: typer.Typer) -> None:
-    try:  # TEMP until mnet/cli/calibrate.py lands
-        from mnet.cli.calibrate import calibrate_app
-    except ModuleNotFoundError:
-        return
+    from mnet.cli.calibrate import calibrate_app
 
     calibrate_app.command("latency")(latency)
     calibrate_app.command("check")(check)

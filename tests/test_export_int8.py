@@ -1,0 +1,110 @@
+"""INT8 calibration: QDQ model written atomically, accuracies in the card, warning under 300 images."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import onnx
+import pytest
+
+from mnet.bundle import load_bundle
+from mnet.calibration.int8 import MIN_CALIBRATION_IMAGES, calibrate_int8, qdq_node_counts
+from mnet.errors import BackendError, ConfigError, DataError
+from mnet.export.onnx import read_card_metadata
+from mnet.runtime.backends import open_backend
+from test_export_support import copy_bundle, exported_bundle
+
+
+@pytest.fixture(scope="module")
+def calibrated(colour_data, tmp_path_factory):
+    """(bundle dir, report, log records) of one default calibration (96 train images: warns)."""
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path_factory.mktemp("int8") / "b")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("mnet.calibration.int8")
+    logger.addHandler(handler)
+    try:
+        report = calibrate_int8(b, colour_data)
+    finally:
+        logger.removeHandler(handler)
+    return b, report, records
+
+
+def test_writes_qdq_model_with_card(calibrated):
+    b, report, _ = calibrated
+    path = b / "model.int8.onnx"
+    assert report.path == str(path) and path.is_file()
+    counts = qdq_node_counts(path)
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert read_card_metadata(path).classes == ("A", "B", "C")
+    assert sorted(p.name for p in b.iterdir()) == ["mnet.json", "model.int8.onnx", "model.onnx"]
+
+
+def test_records_fp32_and_int8_accuracy_in_card(calibrated):
+    b, report, _ = calibrated
+    int8 = load_bundle(b).card.metrics["int8"]
+    assert int8["accuracy"] == report.accuracy and int8["fp32_accuracy"] == report.fp32_accuracy
+    assert int8["drop_points"] == pytest.approx(100 * (report.fp32_accuracy - report.accuracy))
+    assert int8["split"] == "dev" and int8["n"] == 30 and int8["calibration_images"] == 96
+    assert int8["method"] == "minmax" and int8["per_channel"] is True and int8["tensorrt_compatible"] is True
+    assert int8["format"] == "QDQ" and len(int8["sha256"]) == 64
+    assert "parity" in load_bundle(b).card.metrics  # merged, not replaced
+
+
+def test_warns_under_300_images(calibrated):
+    _, report, records = calibrated
+    assert report.calibration_images < MIN_CALIBRATION_IMAGES
+    assert len(report.warnings) == 1 and "only 96 calibration images" in report.warnings[0]
+    assert any(r.levelno == logging.WARNING and "calibration images" in r.getMessage() for r in records)
+
+
+def test_cli_evaluate_int8_prints_the_cards_accuracy(calibrated, colour_data, capsys, tmp_path):
+    from mnet.cli import main
+
+    b, report, _ = calibrated
+    rc = main(["evaluate", str(b), str(colour_data), "--backend", "onnxruntime", "--precision", "int8",
+               "--split", "dev", "--plot", str(tmp_path / "cm.png")])
+    assert rc == 0
+    printed = float(re.search(r"accuracy \(weighted average recall\) ([0-9.]+)", capsys.readouterr().out).group(1))
+    assert printed == pytest.approx(load_bundle(b).card.metrics["int8"]["accuracy"], abs=5e-5)
+
+
+def test_cli_calibrate_int8_prints_table_and_warning(colour_data, tmp_path_factory, tmp_path, capsys):
+    from mnet.cli import main
+
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    assert main(["calibrate", "int8", str(b), str(colour_data), "--samples", "40", "--method", "percentile",
+                 "--no-per-channel"]) == 0
+    out, err = capsys.readouterr()
+    assert "int8 accuracy" in out and "only 40 calibration images" in err
+    int8 = load_bundle(b).card.metrics["int8"]
+    assert int8["method"] == "percentile" and int8["per_channel"] is False and int8["calibration_images"] == 40
+
+
+def test_uint8_activations_are_marked_not_for_tensorrt(colour_data, tmp_path_factory, tmp_path):
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    report = calibrate_int8(b, colour_data, samples=32, activations="uint8", method="entropy")
+    assert report.tensorrt_compatible is False
+    with open_backend(b, "onnxruntime", "int8") as be:
+        assert be.precision == "int8" and be.infer(
+            __import__("numpy").zeros((2, 3, 24, 32), "float32")).shape == (2, 3)
+
+
+def test_bad_options_and_missing_split(colour_data, tmp_path_factory, tmp_path):
+    b = exported_bundle(colour_data, tmp_path_factory)
+    with pytest.raises(ConfigError, match="--method"):
+        calibrate_int8(b, colour_data, method="kl")
+    with pytest.raises(ConfigError, match="activations"):
+        calibrate_int8(b, colour_data, activations="int4")
+    with pytest.raises(DataError, match="'valid'"):
+        calibrate_int8(b, colour_data, eval_split="valid")
+    assert not (b / "model.int8.onnx").exists()
+
+
+def test_int8_backend_needs_calibration_first(colour_data, tmp_path_factory):
+    with pytest.raises(BackendError, match="mnet calibrate int8"):
+        open_backend(exported_bundle(colour_data, tmp_path_factory), "onnxruntime", "int8")
