@@ -97,9 +97,9 @@ def _train_row(run: Path, searches: dict[str, dict]) -> ModelRow:
         split, cm = "dev", None
     hw = tuple(meta["preprocess"]["input_hw"])
     if meta.get("kind") == "torchvision":
-        params = _torchvision_params(meta["model_name"], len(meta["classes"]), run)
-        return ModelRow(meta["model_name"], str(run), hw, "manual", params=params, accuracy=acc, accuracy_split=split,
-                        confusion=cm)
+        params, macs = _torchvision_cost(meta["model_name"], len(meta["classes"]), hw)
+        return ModelRow(meta["model_name"], str(run), hw, "manual", params=params, macs=macs, accuracy=acc,
+                        accuracy_split=split, confusion=cm)
     arch = Arch.from_json(meta["arch"])
     row = ModelRow(f"MNet-{hw[0]}-{hw[1]}", str(run), hw, "random sample", params=arch.num_params(),
                    macs=arch.macs(), accuracy=acc, accuracy_split=split, confusion=cm, arch=arch)
@@ -117,13 +117,20 @@ def _train_row(run: Path, searches: dict[str, dict]) -> ModelRow:
     return row
 
 
-def _torchvision_params(name: str, num_classes: int, run: Path) -> int | None:
+def _torchvision_cost(name: str, num_classes: int, hw: tuple[int, int]) -> tuple[int | None, int | None]:
+    """Parameters and MACs (FLOP counter / 2) of a baseline at its input size."""
     try:
-        from mnet.search.baselines import build_baseline
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
 
-        return sum(p.numel() for p in build_baseline(name, num_classes).parameters())
+        from mnet.search.baselines import build_baseline
     except ImportError:  # a report on a machine without torch still renders
-        return None
+        return None, None
+    model = build_baseline(name, num_classes).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, *hw))
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
 
 
 def collect(paths: list[str | os.PathLike]) -> Inputs:

@@ -63,12 +63,12 @@ class ControllerConfig:
                 raise ConfigError(f"controller option '{name}' = {getattr(self, name)!r}: {fix}")
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "ControllerConfig":
+    def paper(cls, **overrides: Any) -> ControllerConfig:
         """Table 1 as printed: Adam lr 0.1, 5000 steps."""
         return cls(**{"lr": 0.1, "steps": 5000, **overrides})
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ControllerConfig":
+    def from_json(cls, d: dict[str, Any]) -> ControllerConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -50,8 +50,16 @@ from mnet.search.checkpoint import FORMAT, save_checkpoint
 from mnet.search.controller import ControllerConfig, Reinforce
 from mnet.search.dense import select_depthwise
 from mnet.search.derive import Candidate, derive, derive_meta, write_derived
-from mnet.search.supernet import (BN_MODES, Evaluator, RewardFn, Supernet, dense_flags, set_dense_flags,
-                                  space_from_json, space_to_json)
+from mnet.search.supernet import (
+    BN_MODES,
+    Evaluator,
+    RewardFn,
+    Supernet,
+    dense_flags,
+    set_dense_flags,
+    space_from_json,
+    space_to_json,
+)
 from mnet.search.train import autocast, load_splits, resolve_device
 
 __all__ = [
@@ -95,7 +103,7 @@ class SearchConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"  # ENAS anneals the shared weights; "constant" keeps Table 1's 0.01
     flip_p: float = 0.5  # paper §4: horizontal flip augmentation
-    controller: ControllerConfig = ControllerConfig()
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     bn: str = "batch"  # how a sampled path is scored: see search/supernet.py
     val_fraction: float = 0.2
     checkpoint_every: int = 100  # controller steps between saves
@@ -111,8 +119,8 @@ class SearchConfig:
             ("strategy", self.strategy in STRATEGIES, f"expected one of {', '.join(STRATEGIES)}"),
             ("schedule", self.schedule in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}"),
             ("schedule", not (self.strategy == "random" and self.schedule == "alternating"),
-             "alternating trains a controller between supernet epochs and random search has none; "
-             "use --schedule two-stage"),
+             ("alternating trains a controller between supernet epochs and random search has none; "
+              "use --schedule two-stage")),
             ("supernet_epochs", self.supernet_epochs >= 1, "expected >= 1"),
             ("derive_samples", self.derive_samples >= 1, "expected >= 1"),
             ("batch_size", self.batch_size >= 2, "expected >= 2 (BatchNorm needs a batch)"),
@@ -146,7 +154,7 @@ class SearchConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "SearchConfig":
+    def from_json(cls, d: dict[str, Any]) -> SearchConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["controller"] = ControllerConfig.from_json(kw.get("controller") or {})
@@ -238,7 +246,9 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
                     train_controller(agent, evaluator, cfg.controller_steps, on_step=on_step)
                     files.save_controller(agent, evaluator)
             else:  # alternating: pass e over the data with the policy's paths, then controller block e
-                block_end = lambda epoch: round(cfg.controller_steps * epoch / cfg.supernet_epochs)  # noqa: E731
+                def block_end(epoch: int) -> int:  # controller steps done once block `epoch - 1` ends
+                    return round(cfg.controller_steps * epoch / cfg.supernet_epochs)
+
                 files.check_alternating(trainer, agent, block_end)
                 while True:
                     if trainer.batch == 0 and agent.step < block_end(trainer.epoch):
@@ -269,7 +279,7 @@ def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple
     train, val = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(len(idx) * val_fraction))
+        k = round(len(idx) * val_fraction)
         val.append(idx[:k])
         train.append(idx[k:])
     train_idx, val_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
@@ -554,7 +564,7 @@ class _DeferredInterrupt:
             self.requested = False
             raise KeyboardInterrupt
 
-    def __enter__(self) -> "_DeferredInterrupt":
+    def __enter__(self) -> _DeferredInterrupt:
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -575,11 +585,19 @@ class OpenRun:
     agent: Reinforce | None
     evaluator: Evaluator
     raw: dict[str, Any] = field(repr=False)
+    split: Split | None = field(default=None, repr=False)
+
+    def train_data(self) -> DeviceData:
+        """The supernet's training images (the other 80%), e.g. for BN recalibration."""
+        train_idx, _ = split_train_val(self.split.labels, self.config.val_fraction, self.config.seed)
+        return DeviceData(self.split, Preprocess.from_json(self.raw["preprocess"]), self.evaluator.val_data.device,
+                          train_idx)
 
 
 def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
-             splits: dict[str, Split] | None = None) -> OpenRun:
-    """A search directory's supernet, controller (if any) and evaluator, on its reward images."""
+             splits: dict[str, Split] | None = None, controller: bool = True) -> OpenRun:
+    """A search directory's supernet, controller (if any; `controller=False` skips it, e.g. to train a
+    fresh one on the saved supernet) and evaluator on its reward images, with `reward` as the hook."""
     run = Path(run)
     raw = _load(run / "supernet.pt", "supernet") if (run / "supernet.pt").is_file() else None
     if raw is None:
@@ -601,7 +619,7 @@ def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
     supernet.load_state_dict(raw["model"])
     set_dense_flags(supernet, raw["dense"])
     agent = None
-    if cfg.strategy == "enas":
+    if controller and cfg.strategy == "enas":
         path = run / "controller.pt"
         if not path.is_file():
             raise CheckpointError(f"{path} not found: the controller stage has not run yet; "
@@ -611,4 +629,4 @@ def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
     calib = DeviceData(train_split, preprocess, dev, train_idx) if cfg.bn == "recalibrate" else None
     evaluator = Evaluator(supernet, DeviceData(train_split, preprocess, dev, val_idx), cfg.batch_size,
                           reward=reward, bn=cfg.bn, amp=cfg.amp, seed=cfg.seed + _EVAL_SEED, calib_data=calib)
-    return OpenRun(cfg, space, supernet, agent, evaluator, raw)
+    return OpenRun(cfg, space, supernet, agent, evaluator, raw, train_split)

@@ -6,8 +6,8 @@ Built on `mnet.plots` (lazy matplotlib, atomic writes); a missing matplotlib rai
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

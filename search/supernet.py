@@ -27,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn

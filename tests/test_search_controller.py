@@ -31,7 +31,7 @@ def _controller(space, seed=0, **cfg):
 def _independent_steps(c: Controller, arch) -> list[tuple[torch.Tensor, int]]:
     """Each decision's log-distribution and `arch`'s choice, recomputed here from the parameters."""
     cfg = c.cfg
-    squash = lambda z: cfg.tanh_constant * torch.tanh(z / cfg.temperature)  # noqa: E731
+    squash = lambda z: cfg.tanh_constant * torch.tanh(z / cfg.temperature)
     h = torch.zeros(1, cfg.hidden)
     cell = torch.zeros(1, cfg.hidden)
     inp = c.g_emb
@@ -110,7 +110,7 @@ def test_reinforce_raises_probability_of_rewarded_op():
 
     def p_first_op():
         with torch.no_grad():
-            h, c = agent.controller.lstm(agent.controller.g_emb)
+            h, _ = agent.controller.lstm(agent.controller.g_emb)
             logits = agent.controller._squash(agent.controller.op_soft(h))
             return F.softmax(logits, -1)[0, favoured].item()
 
@@ -126,10 +126,10 @@ def test_reinforce_raises_probability_of_rewarded_op():
 
 def test_baseline_is_a_moving_average_starting_at_first_reward():
     agent = Reinforce(TINY, ControllerConfig(baseline_decay=0.9), seed=0)
-    arch, lp, ent = agent.sample()
+    _, lp, ent = agent.sample()
     s = agent.update(lp, ent, 0.5)
     assert s["advantage"] == 0.0 and s["baseline"] == pytest.approx(0.5)
-    arch, lp, ent = agent.sample()
+    _, lp, ent = agent.sample()
     s = agent.update(lp, ent, 1.0)
     assert s["advantage"] == pytest.approx(0.5) and s["baseline"] == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
 
@@ -137,7 +137,7 @@ def test_baseline_is_a_moving_average_starting_at_first_reward():
 def test_state_dict_round_trip_continues_identically():
     a = Reinforce(TINY, ControllerConfig(), seed=3)
     for r in (0.2, 0.6):
-        arch, lp, ent = a.sample()
+        _, lp, ent = a.sample()
         a.update(lp, ent, r)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)  # as a checkpoint does: through bytes, loadable with weights_only
@@ -145,7 +145,7 @@ def test_state_dict_round_trip_continues_identically():
     b = Reinforce(TINY, ControllerConfig(), seed=99)
     b.load_state_dict(torch.load(buf, weights_only=True))
     for agent in (a, b):
-        arch, lp, ent = agent.sample()
+        _, lp, ent = agent.sample()
         agent.update(lp, ent, 0.9)
     assert a.sample()[0] == b.sample()[0]
     for k, v in a.controller.state_dict().items():

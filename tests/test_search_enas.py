@@ -159,7 +159,7 @@ def test_two_stage_kill_and_resume_is_exact(colour_data, splits, runs, tmp_path)
 
 def test_alternating_kill_and_resume_is_exact(colour_data, splits, runs, tmp_path):
     out = tmp_path / "cut"
-    kw = dict(splits=splits, plots=False, reward=_half_reward)
+    kw = {"splits": splits, "plots": False, "reward": _half_reward}
     with pytest.raises(KeyboardInterrupt):  # inside the first controller block
         search(colour_data, out, ALT, progress=_stop_at("controller", 2), **kw)
     with pytest.raises(KeyboardInterrupt):  # inside the second pass over the data

@@ -9,8 +9,15 @@ from mnet.arch import PRESETS, Arch, Layer
 from mnet.errors import CheckpointError, ConfigError
 from mnet.search.checkpoint import save_checkpoint
 from mnet.search.model import MNet
-from mnet.search.supernet import (Supernet, batch_stats, dense_flags, load_supernet, recalibrate_bn,
-                                  set_dense_flags, space_to_json)
+from mnet.search.supernet import (
+    Supernet,
+    batch_stats,
+    dense_flags,
+    load_supernet,
+    recalibrate_bn,
+    set_dense_flags,
+    space_to_json,
+)
 
 TINY = PRESETS["tiny"]
 
@@ -129,7 +136,7 @@ def test_load_supernet_round_trip(supernet, tmp_path):
     flags = [i % 3 == 0 for i in range(80)]
     save_checkpoint(tmp_path / "supernet.pt", {"kind": "supernet", "space": space_to_json(TINY),
                                                "model": supernet.state_dict(), "dense": flags})
-    net, raw = load_supernet(tmp_path / "supernet.pt")
+    net, _ = load_supernet(tmp_path / "supernet.pt")
     assert net.space == TINY and dense_flags(net) == flags
     x = torch.randn(2, 3, 24, 32)
     set_dense_flags(supernet, flags)

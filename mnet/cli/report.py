@@ -39,5 +39,18 @@ def baseline_fusion(
                   f"{result.best['test_acc']:.4f}; {out / 'fusion.json'}")
 
 
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Training runs, search runs, bundles, latency tables, fusion "
+                                                "runs — in any order.")],
+    out: Annotated[Path, typer.Option(help="Directory for report.md, report.html and the plots.")],
+) -> None:
+    """The paper's Table 2 for your runs (plus measured latency and the INT8 drop), with plots."""
+    from mnet.report import write_report
+
+    files = write_report(runs, out)
+    console.print(f"report → {files['html']} and {files['markdown']}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("baseline-fusion")(baseline_fusion)
+    app.command("report")(report)

@@ -1,0 +1,172 @@
+"""Inference latency of the same MNet in PyTorch eager, ONNX Runtime fp32 and ONNX Runtime INT8 (CPU).
+
+For `tiny` and `mnet-24-32` (random architecture, seed 0; weights untrained, which does not change
+the speed), batch 1 and batch 32, all variants timed side by side in one process with the same thread
+count. Noisy neighbours on a shared CPU only ever slow a run down, so each variant's latency is the
+minimum over `--rounds` interleaved rounds of the median of `--reps` calls.
+
+INT8 is ONNX Runtime static QDQ quantisation (`mnet calibrate int8`): the default S8S8 (symmetric int8,
+TensorRT-compatible) and the U8S8 variant (asymmetric uint8 activations, ORT CPU only) for comparison.
+The INT8 accuracy drop comes from a trained model: `tiny` trained on the embedded synthetic mango set,
+calibrated with 512 train images and measured on its dev split.
+
+    python bench/inference.py [--threads 1] [--reps 20] [--rounds 3] [--epochs 30]
+
+Prints one JSON object and writes bench/results/inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import logging
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import emit, timeit
+
+from mnet.arch import PRESETS, Arch
+from mnet.calibration.int8 import calibrate_int8
+from mnet.export.onnx import export_onnx
+from mnet.preprocess import Preprocess
+from mnet.runtime.backends import OnnxRuntimeBackend
+from mnet.search.checkpoint import save_checkpoint
+from mnet.search.dense import select_depthwise, use_conv
+from mnet.search.model import MNet
+from mnet.search.train import TrainConfig, train
+from mnet.synth import synthesize
+
+TARGETS = {"ort_over_torch_mnet_24_32_b1": 10.0, "int8_over_fp32_mnet_24_32_b1": 1.5, "int8_accuracy_drop_points": 0.5}
+CLASSES = ["A", "B", "C"]
+
+
+def _checkpoint(arch: Arch, path: Path) -> Path:
+    """An untrained (0-epoch) checkpoint: enough to time the network."""
+    torch.manual_seed(0)
+    model = MNet(arch).eval()
+    save_checkpoint(path, {"kind": "mnet", "arch": arch.to_json(), "classes": CLASSES,
+                           "preprocess": Preprocess(arch.input_hw).to_json(), "config": {},
+                           "model": model.state_dict(), "epoch": 0, "metrics": {}})
+    return path
+
+
+def _interleaved(fns: dict[str, callable], reps: int, rounds: int) -> dict[str, float]:
+    """Milliseconds per call: min over rounds of the median of `reps` calls, variants interleaved."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            best[k] = min(best[k], 1e3 * timeit(fn, reps=reps, warmup=1))
+    return best
+
+
+def _time_preset(preset: str, work: Path, data: Path, threads: int, reps: int, rounds: int) -> dict:
+    arch = PRESETS[preset].sample(random.Random(0))
+    ckpt = _checkpoint(arch, work / f"{preset}.pt")
+    bundles = {}
+    for act in ("int8", "uint8"):
+        b = export_onnx(ckpt, work / f"{preset}-{act}", parity_images=8, overwrite=True)
+        # timing only: 64 images give realistic ranges; accuracy is measured on the trained model below
+        calibrate_int8(b.path, data, samples=64, activations=act)
+        bundles[act] = b.path
+    model = use_conv(MNet(arch).eval())
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    dense = MNet(arch).eval()
+    dense.load_state_dict(model.state_dict())
+    fp32 = OnnxRuntimeBackend(bundles["int8"] / "model.onnx", "cpu", threads=threads)
+    s8 = OnnxRuntimeBackend(bundles["int8"] / "model.int8.onnx", "cpu", precision="int8", threads=threads)
+    u8 = OnnxRuntimeBackend(bundles["uint8"] / "model.int8.onnx", "cpu", precision="int8", threads=threads)
+    out = {"arch_seed": 0, "params": arch.num_params(), "macs": arch.macs(), "latency_ms": {}}
+    for batch in (1, 32):
+        x = np.random.default_rng(batch).normal(size=(batch, 3, *arch.input_hw)).astype(np.float32)
+        tx = torch.from_numpy(x)
+        counts = select_depthwise(dense, batch=batch, backward=False)  # the faster torch form per layer
+
+        def eager(m):
+            def run():
+                with torch.inference_mode():
+                    m(tx)
+            return run
+
+        ms = _interleaved({
+            "torch": eager(model),
+            "torch_dense": eager(dense),
+            "ort_fp32": lambda: fp32.session.run(None, {"input": x}),
+            "ort_int8": lambda: s8.session.run(None, {"input": x}),
+            "ort_int8_u8s8": lambda: u8.session.run(None, {"input": x}),
+        }, reps=max(3, reps // (4 if batch > 1 else 1)), rounds=rounds)
+        out["latency_ms"][f"b{batch}"] = ms
+        out[f"dense_layers_b{batch}"] = counts["dense"]
+    r = {}
+    for b in ("b1", "b32"):
+        ms = out["latency_ms"][b]
+        r[f"ort_over_torch_{b}"] = ms["torch"] / ms["ort_fp32"]
+        r[f"ort_over_torch_dense_{b}"] = ms["torch_dense"] / ms["ort_fp32"]
+        r[f"int8_over_fp32_{b}"] = ms["ort_fp32"] / ms["ort_int8"]
+        r[f"int8_u8s8_over_fp32_{b}"] = ms["ort_fp32"] / ms["ort_int8_u8s8"]
+    out["ratios"] = r
+    return out
+
+
+def _accuracy_drop(work: Path, data: Path, epochs: int) -> dict:
+    """Train tiny on the synthetic set, calibrate INT8 (512 train images), compare fp32 vs int8 on dev."""
+    arch = PRESETS["tiny"].sample(random.Random(0))
+    t0 = time.time()
+    res = train(data, arch, work / "tiny-run", TrainConfig(epochs=epochs, lr=0.05, batch_size=64, seed=0))
+    b = export_onnx(work / "tiny-run" / "best.pt", work / "tiny-trained", data_root=data, overwrite=True)
+    out = {"model": "tiny (seed-0 arch) trained on synthetic mangoes", "epochs": epochs,
+           "train_seconds": time.time() - t0, "checkpoint_dev_accuracy": res.best_dev_accuracy}
+    for act in ("int8", "uint8"):
+        rep = calibrate_int8(b.path, data, samples=512, activations=act)
+        out[act] = {"fp32_accuracy": rep.fp32_accuracy, "int8_accuracy": rep.accuracy,
+                    "drop_points": rep.drop_points, "top1_agreement": rep.top1_agreement, "n_dev": rep.n,
+                    "calibration_images": rep.calibration_images}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1, help="threads for both torch and onnxruntime")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=30, help="training epochs of the tiny accuracy model")
+    ap.add_argument("--n-train", type=int, default=1200)
+    ap.add_argument("--n-dev", type=int, default=1000)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # calibration warns about 64-image timing models; expected here
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="mnet-bench-inference-") as tmp:
+        work = Path(tmp)
+        data = work / "synth"
+        synthesize(data, n_train=args.n_train, n_dev=args.n_dev, n_test=0, seed=0, image_size=(120, 160))
+        models = {p: _time_preset(p, work, data, args.threads, args.reps, args.rounds) for p in ("tiny", "mnet-24-32")}
+        acc = _accuracy_drop(work, data, args.epochs)
+    big = models["mnet-24-32"]["ratios"]
+    result = {
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "versions": {k: md.version(k) for k in ("torch", "onnxruntime", "onnx")},
+        "timing": f"ms per call: min over {args.rounds} interleaved rounds of the median of {args.reps} calls "
+                  "(batch 32: a quarter of the calls)",
+        "models": models,
+        "int8_accuracy": acc,
+        "ort_over_torch_mnet_24_32_b1": big["ort_over_torch_b1"],
+        "int8_over_fp32_mnet_24_32_b1": big["int8_over_fp32_b1"],
+        "int8_accuracy_drop_points": acc["int8"]["drop_points"],
+        "targets": TARGETS,
+        "seconds": time.time() - t0,
+    }
+    result["met"] = {k: (result[k] <= v if k.endswith("drop_points") else result[k] >= v) for k, v in TARGETS.items()}
+    emit("inference", result)
+
+
+if __name__ == "__main__":
+    main()
