@@ -34,14 +34,15 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from mnet.bundle import Bundle, load_bundle, update_card, utc_now
 from mnet.data import Dataset
-from mnet.errors import ConfigError, ExportError
+from mnet.errors import ConfigError, DataError, ExportError
 from mnet.export.onnx import set_card_metadata
 from mnet.export.samples import sample_split
 from mnet.io import atomic_path, sha256_file
+from mnet.metrics import compute_metrics
 from mnet.runtime.backends import OnnxRuntimeBackend
-from mnet.runtime.evaluate import evaluate_split, predict_images
+from mnet.runtime.evaluate import predict_images
 
-__all__ = ["calibrate_int8", "Int8Report", "METHODS", "ACTIVATIONS", "MIN_CALIBRATION_IMAGES", "qdq_node_counts"]
+__all__ = ["ACTIVATIONS", "METHODS", "MIN_CALIBRATION_IMAGES", "Int8Report", "calibrate_int8", "qdq_node_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
     stage("loading images")
     images, _ = sample_split(data_root, "train", pre, samples, seed)
     dev = Dataset(data_root).load(eval_split, pre)
+    if not dev.labelled or tuple(dev.classes) != tuple(b.card.classes):
+        raise DataError(f"{data_root}: split '{eval_split}' must be labelled with the model's classes "
+                        f"{list(b.card.classes)}")
     warnings = []
     if len(images) < MIN_CALIBRATION_IMAGES:
         warnings.append(f"only {len(images)} calibration images (asked for {samples}); "
@@ -115,9 +119,10 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         prepped, quantized = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         # shape inference + graph optimisation (folds what BN the exporter left, fuses) before quantising
         quant_pre_process(str(b.onnx_path), str(prepped))
+        reader = _Reader(pre.normalize(images), b.card.batch or batch_size, b.card.input_name,
+                         fixed=b.card.batch is not None, equal=method != "minmax")
         quantize_static(
-            str(prepped), str(quantized), _Reader(pre.normalize(images), b.card.batch or batch_size, b.card.input_name,
-                    fixed=b.card.batch is not None, equal=method != "minmax"),
+            str(prepped), str(quantized), reader,
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
@@ -133,10 +138,10 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         stage(f"evaluating fp32 and int8 on {eval_split} ({len(dev)} images)")
         with OnnxRuntimeBackend(b.onnx_path, "cpu") as fp32, \
                 OnnxRuntimeBackend(quantized, "cpu", precision="int8") as int8:
-            m32 = evaluate_split(fp32, dev, pre, b.card.classes, batch_size)
-            m8 = evaluate_split(int8, dev, pre, b.card.classes, batch_size)
-            agree = float((predict_images(fp32, dev.images, pre, batch_size).argmax(1)
-                           == predict_images(int8, dev.images, pre, batch_size).argmax(1)).mean())
+            p32 = predict_images(fp32, dev.images, pre, batch_size)
+            p8 = predict_images(int8, dev.images, pre, batch_size)
+        m32, m8 = (compute_metrics(dev.labels, p, b.card.classes) for p in (p32, p8))
+        agree = float((p32.argmax(1) == p8.argmax(1)).mean())
 
         proto = onnx.load(str(quantized))
         set_card_metadata(proto, b.card)

@@ -2,7 +2,8 @@
 
 An export counts as done only after `onnx.checker` (full check) passes and ONNX Runtime reproduces the
 PyTorch logits on real training images (or synthetic ones when no dataset is given): max |Δlogit| and
-top-1 agreement go into the card, and a miss raises `ExportError` with no bundle left behind. The
+top-1 agreement go into the card, and a miss (|Δlogit| over 1e-4, or a top-1 flip that is not a tie
+within that tolerance) raises `ExportError` with no bundle left behind. The
 bundle is written into a temporary directory beside the target and renamed into place.
 
 Exporter choice (torch 2.14): the TorchScript exporter (`dynamo=False`) writes opset 17 natively and
@@ -40,8 +41,16 @@ from mnet.errors import ConfigError, ExportError
 from mnet.export.samples import sample_split, synthetic_images
 from mnet.io import sha256_file
 
-__all__ = ["export_onnx", "EXPORTERS", "INPUT_NAME", "OUTPUT_NAME", "set_card_metadata", "read_card_metadata",
-           "has_external_data", "tool_versions"]
+__all__ = [
+    "EXPORTERS",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "export_onnx",
+    "has_external_data",
+    "read_card_metadata",
+    "set_card_metadata",
+    "tool_versions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +106,12 @@ def export_onnx(checkpoint: CheckpointLike, out_bundle: str | os.PathLike, *, op
     x = ckpt.preprocess.normalize(images)
     parity = _parity(model, proto, x, fixed_batch, atol)
     parity["source"] = source
-    if parity["max_abs_logit_diff"] > atol or parity["top1_agreement"] < 1.0:
+    if parity["max_abs_logit_diff"] > atol or parity["top1_disagreements"]:
         raise ExportError(
             f"ONNX parity check failed on {parity['images']} images: max |Δlogit| = "
             f"{parity['max_abs_logit_diff']:.3g} (limit {atol:g}), top-1 agreement "
-            f"{parity['top1_agreement']:.3f} (must be 1); no bundle written. Try --batch dynamic, another --opset, "
+            f"{parity['top1_agreement']:.3f} ({parity['top1_disagreements']} disagreement(s) where PyTorch's top-1 "
+            "leads by more than the limit); no bundle written. Try --batch dynamic, another --opset, "
             "or report the model")
 
     # 3. card, metadata, files
@@ -149,7 +159,9 @@ def _check_target(target: Path, overwrite: bool) -> None:
         if not target.parent.is_dir():
             raise ExportError(f"--out {target}: parent directory {target.parent} does not exist")
         return
-    if not target.is_dir() or (any(target.iterdir()) and not (target / CARD_FILE).is_file()):
+    if target.is_dir() and not any(target.iterdir()):
+        return  # an empty directory made for the bundle
+    if not target.is_dir() or not (target / CARD_FILE).is_file():
         raise ExportError(f"--out {target}: exists and is not a bundle (no {CARD_FILE}); "
                           "refusing to replace it, choose another path")
     if not overwrite:
@@ -331,8 +343,13 @@ def _parity(model, proto: onnx.ModelProto, x: np.ndarray, fixed_batch: int | Non
         got = np.concatenate(parts)
         diff = float(np.abs(got - ref).max())
         batches = [fixed_batch]
-    agree = float((got.argmax(1) == ref.argmax(1)).mean())
-    return {"images": n, "max_abs_logit_diff": diff, "top1_agreement": agree, "atol": atol, "batches": batches,
+    differ = got.argmax(1) != ref.argmax(1)
+    # A flip between two logits that PyTorch itself has within the tolerance of each other (2·atol: each
+    # may move by atol) is a tie, not an export error; untrained heads are full of them. Any other flip fails.
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    decisive = differ & (top2[:, 1] - top2[:, 0] > 2 * atol)
+    return {"images": n, "max_abs_logit_diff": diff, "top1_agreement": float(1 - differ.mean()),
+            "top1_disagreements": int(decisive.sum()), "atol": atol, "batches": batches,
             "provider": "CPUExecutionProvider"}
 
 

@@ -23,14 +23,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from mnet.bundle import FP16_FILE, PRECISIONS, Bundle, EngineInfo, engine_filename, load_bundle, utc_now
 from mnet.errors import ConfigError, ExportError
 from mnet.io import atomic_path, sha256_file, write_json
 from mnet.runtime.backends import cuda_runtime, import_tensorrt
 
-__all__ = ["build_engine", "trtexec_command", "EngineBuild", "tensorrt_major"]
+__all__ = ["EngineBuild", "build_engine", "tensorrt_major", "trtexec_command"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +79,10 @@ def _int8_source(b: Bundle) -> Path:
 
 
 def _fp16_source(b: Bundle) -> Path:
-    """model.fp16.onnx, (re)made from model.onnx when missing or older."""
+    """model.fp16.onnx, (re)made from model.onnx when missing or older (onnx imported only here: a
+    Jetson building fp32/fp16-by-flag/int8 engines needs no onnx package)."""
+    import onnx
+
     from mnet.export.fp16 import convert_to_fp16
 
     out = b.fp16_path

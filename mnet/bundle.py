@@ -33,21 +33,21 @@ from mnet.io import read_json, write_json
 from mnet.preprocess import Preprocess
 
 __all__ = [
-    "SCHEMA_VERSION",
     "CARD_FILE",
-    "ONNX_FILE",
-    "INT8_FILE",
     "FP16_FILE",
+    "INT8_FILE",
     "METADATA_KEY",
+    "ONNX_FILE",
     "PRECISIONS",
+    "SCHEMA_VERSION",
+    "Bundle",
     "BundleCard",
     "EngineInfo",
-    "Bundle",
-    "load_bundle",
-    "write_card",
-    "update_card",
     "engine_filename",
+    "load_bundle",
+    "update_card",
     "utc_now",
+    "write_card",
 ]
 
 SCHEMA_VERSION = 1
@@ -181,7 +181,7 @@ class BundleCard:
         }
 
     @classmethod
-    def from_json(cls, d: Any) -> "BundleCard":
+    def from_json(cls, d: Any) -> BundleCard:
         if not isinstance(d, dict):
             raise ConfigError(f"bundle card must be a JSON object, got {type(d).__name__}")
         _missing("bundle card", d, {"classes", "preprocessing", "params", "input", "output"})
@@ -288,7 +288,7 @@ class EngineInfo:
         return d
 
     @classmethod
-    def from_json(cls, d: Any) -> "EngineInfo":
+    def from_json(cls, d: Any) -> EngineInfo:
         if not isinstance(d, dict):
             raise ConfigError(f"engine sidecar must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}

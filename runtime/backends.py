@@ -37,20 +37,20 @@ from mnet.io import read_json
 
 __all__ = [
     "BACKENDS",
+    "TENSORRT_INSTALL_HINT",
     "Backend",
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchBackend",
-    "open_backend",
-    "softmax",
-    "import_tensorrt",
-    "tensorrt_available",
     "cuda_runtime",
-    "read_sidecar",
     "engine_mismatch",
     "find_engine",
+    "import_tensorrt",
+    "open_backend",
     "ort_providers",
-    "TENSORRT_INSTALL_HINT",
+    "read_sidecar",
+    "softmax",
+    "tensorrt_available",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,10 @@ class Backend:
     def close(self) -> None:
         """Release what the backend holds (device memory, sessions)."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -13,7 +13,7 @@ from mnet.bundle import (CARD_FILE, BundleCard, EngineInfo, engine_filename, loa
                          write_card)
 from mnet.errors import CheckpointError, ConfigError
 from mnet.preprocess import Preprocess
-from test_export_support import BLOCK_TORCH, copy_bundle, exported_bundle, run_python
+from test_export_support import BLOCK_HEAVY, copy_bundle, exported_bundle, run_python
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def test_update_card_merges_metrics_and_validates(bundle, tmp_path):
     assert load_bundle(b).card.latency == {}
 
 
-def test_bundle_and_runtime_import_and_run_without_torch(bundle, colour_data):
-    code = BLOCK_TORCH + f"""
+def test_bundle_and_runtime_import_and_run_without_torch_or_onnx(bundle, colour_data):
+    code = BLOCK_HEAVY + f"""
 import sys
 import mnet.bundle, mnet.runtime.backends, mnet.runtime.evaluate
 from mnet.runtime.backends import open_backend
@@ -147,7 +147,7 @@ try:
     open_backend({str(bundle)!r}, backend="torch")
 except Exception as e:
     print(type(e).__name__)
-assert not [k for k in sys.modules if k == "torch" or k.startswith("torch.")], "torch was imported"
+assert not [k for k in sys.modules if k.split(".")[0] in ("torch", "onnx")], "torch or onnx was imported"
 """
     r = run_python(code)
     assert r.returncode == 0, r.stderr

@@ -65,7 +65,7 @@ def test_warns_under_300_images(calibrated):
 def test_cli_evaluate_int8_prints_the_cards_accuracy(calibrated, colour_data, capsys, tmp_path):
     from mnet.cli import main
 
-    b, report, _ = calibrated
+    b, _, _ = calibrated
     rc = main(["evaluate", str(b), str(colour_data), "--backend", "onnxruntime", "--precision", "int8",
                "--split", "dev", "--plot", str(tmp_path / "cm.png")])
     assert rc == 0

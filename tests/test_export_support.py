@@ -18,15 +18,16 @@ from mnet.arch import PRESETS
 
 _CACHE: dict[str, Path] = {}
 
-# A sys.meta_path finder that makes torch (and mnet.search, which needs it) unimportable.
-BLOCK_TORCH = textwrap.dedent("""
+# A sys.meta_path finder that leaves only what a Jetson runtime install has (numpy, OpenCV, onnxruntime,
+# typer, rich): torch, mnet.search (which needs torch), the onnx package and tensorrt cannot be imported.
+BLOCK_HEAVY = textwrap.dedent("""
     import importlib.abc, sys
-    class _BlockTorch(importlib.abc.MetaPathFinder):
+    class _BlockHeavy(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch.") or name.startswith("mnet.search") or name == "tensorrt":
+            if name.split(".")[0] in ("torch", "onnx", "tensorrt") or name.startswith("mnet.search"):
                 raise ImportError("blocked for this test: " + name)
             return None
-    sys.meta_path.insert(0, _BlockTorch())
+    sys.meta_path.insert(0, _BlockHeavy())
 """)
 
 

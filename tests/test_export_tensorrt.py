@@ -26,7 +26,7 @@ from mnet.errors import BackendError, ConfigError, ExportError
 from mnet.export.tensorrt import build_engine, trtexec_command
 from mnet.io import sha256_file
 from mnet.runtime.backends import TensorRTBackend, open_backend, softmax
-from test_export_support import BLOCK_TORCH, copy_bundle, exported_bundle
+from test_export_support import BLOCK_HEAVY, copy_bundle, exported_bundle
 
 _GPU, _CC = "Fake GPU 9000", (8, 7)
 
@@ -172,7 +172,7 @@ def make_trt(version: str, *, fail_build: bool = False):
             (inp,), (out,) = [i for i in g.input if i.name not in {t.name for t in g.initializer}], g.output
             dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
             classes = out.type.tensor_type.shape.dim[1].dim_value
-            lo, opt, hi = config.profiles[0].shapes[inp.name]
+            hi = config.profiles[0].shapes[inp.name][2]
             plan = {"input": inp.name, "output": out.name, "hw": dims[2:], "classes": classes, "max": hi[0],
                     "w": np.random.default_rng(classes).normal(size=(3, classes)).round(3).tolist()}
             return memoryview(b"FAKEPLAN" + json.dumps(plan).encode())
@@ -230,9 +230,9 @@ def make_trt(version: str, *, fail_build: bool = False):
     if (major, minor) >= (8, 5):
         Engine.num_io_tensors = 2
         Engine.get_tensor_name = lambda self, i: self._meta(i)[0]
-        Engine.get_tensor_mode = lambda self, n: dict((m[0], m[1]) for m in map(self._meta, (0, 1)))[n]
+        Engine.get_tensor_mode = lambda self, n: {m[0]: m[1] for m in map(self._meta, (0, 1))}[n]
         Engine.get_tensor_dtype = lambda self, n: "FLOAT"
-        Engine.get_tensor_shape = lambda self, n: dict((m[0], m[2]) for m in map(self._meta, (0, 1)))[n]
+        Engine.get_tensor_shape = lambda self, n: {m[0]: m[2] for m in map(self._meta, (0, 1))}[n]
     else:
         Engine.num_bindings = 2
         Engine.get_binding_name = lambda self, i: self._meta(i)[0]
@@ -319,7 +319,7 @@ def test_build_fp32_on_10(fake, bundle):
     trt, _ = fake("10.3.0")
     build = build_engine(bundle, "fp32", max_batch=4)
     assert build.path == bundle / engine_filename("fp32", "10.3.0", _GPU)
-    builder, network, config = trt.built[-1]
+    _, network, config = trt.built[-1]
     assert network.flags == 0  # EXPLICIT_BATCH is deprecated and ignored from 10 on
     assert config.flags == [] and config.pools == {"WORKSPACE": 1024 << 20}
     assert config.profiles[0].shapes == {"input": ((1, 3, 24, 32), (4, 3, 24, 32), (4, 3, 24, 32))}
@@ -493,7 +493,7 @@ def test_trtexec_command(bundle):
 
 
 def test_cli_without_tensorrt_exits_2_with_one_line(bundle):
-    code = BLOCK_TORCH + f"""
+    code = BLOCK_HEAVY + f"""
 from mnet.cli import main
 raise SystemExit(main(["export", "tensorrt", {str(bundle)!r}, "--precision", "fp16"]))
 """

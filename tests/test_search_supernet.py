@@ -150,3 +150,34 @@ def test_load_supernet_round_trip(supernet, tmp_path):
         load_supernet(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_supernet(tmp_path / "missing.pt")
+
+
+def test_evaluator_modes_score_without_touching_the_supernet(supernet, colour_data):
+    from mnet.data import Dataset
+    from mnet.preprocess import Preprocess
+    from mnet.search.batches import DeviceData
+    from mnet.search.supernet import Evaluator
+
+    pre = Preprocess((24, 32))
+    split = Dataset(colour_data).load("dev", pre)
+    val, calib = DeviceData(split, pre, indices=range(0, 30, 2)), DeviceData(split, pre, indices=range(1, 30, 2))
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    arch = ARCHS[0]
+    scores = {}
+    for mode in ("batch", "running", "recalibrate"):
+        ev = Evaluator(supernet, val, 8, bn=mode, seed=0, calib_data=calib, calib_batches=2,
+                       reward=lambda a, acc: (acc - 1.0, {"mode": mode}))
+        s = ev(arch)
+        assert 0 <= s.accuracy <= 1 and s.reward == s.accuracy - 1.0 and s.extras == {"mode": mode}
+        scores[mode] = ev.logits(arch, val.to_input(val.images[:4]))
+    for k, v in supernet.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # recalibrate = a standalone copy whose BN statistics are re-estimated on the calibration batches
+    child = supernet.child(arch)
+    gen = torch.Generator().manual_seed(1)
+    recalibrate_bn(child, child, [x for x, _ in calib.batches(8, shuffle=True, generator=gen)][:2])
+    with torch.no_grad():
+        torch.testing.assert_close(scores["recalibrate"], child.eval()(val.to_input(val.images[:4])))
+    assert not torch.allclose(scores["running"], scores["recalibrate"])
+    with pytest.raises(ConfigError, match="calib_data"):
+        Evaluator(supernet, val, 8, bn="recalibrate")

@@ -36,7 +36,9 @@ def print_json(obj: Any) -> None:
 
 def metrics_table(metrics, title: str = "") -> Table:
     """Accuracy, per-class recall and the confusion matrix of a `mnet.metrics.Metrics`."""
-    t = Table(title=title or None)
+    from rich.markup import escape
+
+    t = Table(title=escape(title) if title else None)
     t.add_column("true \\ pred")
     for c in metrics.classes:
         t.add_column(c, justify="right")

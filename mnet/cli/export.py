@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mnet.cli._common import console, err, print_json
 
-__all__ = ["export_app", "bundle_app", "register"]
+__all__ = ["bundle_app", "export_app", "register"]
 
 export_app = typer.Typer(help="Export a trained model: a verified ONNX bundle, then TensorRT engines on the device.",
                          no_args_is_help=True)
@@ -113,6 +113,23 @@ def show(
         t.add_row("engine", f"{path.name}: " + (f"TensorRT {info.tensorrt_version}, {info.gpu_name}, {info.precision}, "
                                                 f"batch ≤ {info.max_batch}" if info else f"unusable ({why})"))
     console.print(t)
+
+
+@bundle_app.command("bench")
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime CPU threads.")] = None,
+    seconds: Annotated[float, typer.Option(help="Time at least this long.")] = 1.0,
+) -> None:
+    """Measure the model's latency on this machine and record it in the card (card.latency)."""
+    from mnet.runtime.benchmark import measure_bundle
+
+    key, v = measure_bundle(bundle, backend, precision, batch, threads=threads, min_seconds=seconds)
+    console.print(f"{key}: p50 {v['p50_ms']:.3f} ms, p90 {v['p90_ms']:.3f} ms over {v['n']} runs on {v['device']} "
+                  f"→ {bundle / 'mnet.json'}")
 
 
 def _brief(value) -> str:

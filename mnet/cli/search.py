@@ -22,8 +22,9 @@ def search(
     supernet_epochs: Annotated[int, typer.Option(help="Supernet epochs (paper: 100).")] = 100,
     controller_steps: Annotated[int, typer.Option(help="Controller steps (paper: 5000).")] = 5000,
     derive_samples: Annotated[int, typer.Option(help="Architectures sampled and scored to pick the result.")] = 100,
-    controller_lr: Annotated[float, typer.Option(help="Controller Adam learning rate (paper: 0.1, which collapses "
-                                                      "the policy; default measured).")] = 1e-3,
+    controller_lr: Annotated[float, typer.Option(help="Controller Adam learning rate (paper: 0.1, which commits "
+                                                      "the policy within tens of noisy rewards; the default is "
+                                                      "measured, see search/controller.py).")] = 1e-3,
     lr: Annotated[float, typer.Option(help="Supernet SGD learning rate (paper: 0.01).")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Batch size of supernet steps and reward minibatches.")] = 128,
     bn: Annotated[str, typer.Option(help="BatchNorm when scoring a path: batch, running or recalibrate.")] = "batch",

@@ -115,7 +115,7 @@ def evaluate(
         metrics = evaluate_bundle(model, data, split=split, backend=backend, precision=precision,
                                   batch_size=batch_size)
         default_plot = model / f"confusion.{split}.{backend}.{precision}.png"
-        label = f"{model} [{backend} {precision}]"
+        label = f"{model} ({backend} {precision})"
     else:
         from mnet.search.batches import DeviceData
         from mnet.search.checkpoint import build_model, load_checkpoint
