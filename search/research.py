@@ -23,9 +23,17 @@ from mnet.search.derive import Candidate, derive, write_derived
 from mnet.search.enas import _AGENT_SEED, OpenRun, open_run, train_controller
 from mnet.search.supernet import RewardFn
 
-__all__ = ["research", "sweep"]
+__all__ = ["research", "sweep", "annotate_arch"]
 
 Progress = Optional[Callable[[str, int, int, dict], None]]  # (stage, done, total, info)
+
+
+def annotate_arch(out: str | os.PathLike, meta: dict[str, Any], best: Candidate) -> None:
+    """Record in OUT/arch.json what the latency term was (budget, table, prediction); `Arch.from_json`
+    ignores the extra key, so `mnet train` reads the file as before."""
+    write_json(Path(out) / "arch.json", {**best.arch.to_json(), "search": {
+        **meta, "predicted_latency_ms": best.extras.get("latency_ms"), "reward": best.reward,
+        "accuracy": best.accuracy}})
 
 
 def research(opened: OpenRun, out: str | os.PathLike, reward: RewardFn, *, steps: int | None = None,
@@ -65,6 +73,7 @@ def research(opened: OpenRun, out: str | os.PathLike, reward: RewardFn, *, steps
     best = write_derived(out, candidates, {"strategy": "enas", "method": "best-of-n", "samples": samples,
                                            "research_of": str(meta.get("run")) if meta else None}, cfg.topk)
     seconds = time.time() - t0
+    annotate_arch(out, meta or {}, best)
     write_json(out / "research.json", {**(meta or {}), "controller": asdict(ccfg), "derive_samples": samples,
                                        "seconds": seconds, "best": best.to_json(), "config": cfg.to_json()})
     return best
@@ -74,7 +83,8 @@ def sweep(run: str | os.PathLike, out: str | os.PathLike, budgets: Sequence[floa
           make_reward: Callable[[float], RewardFn], *, device: str = "auto", steps: int | None = None,
           controller_lr: float | None = None, derive_samples: int | None = None, meta: dict[str, Any] | None = None,
           progress: Progress = None) -> dict[str, Any]:
-    """`research` for each budget into OUT/budget-<ms>/, then OUT/pareto.json and OUT/pareto.png."""
+    """`research` for each budget into OUT/budget-<ms>/ (a single budget: OUT itself), then OUT/pareto.json
+    and OUT/pareto.png."""
     if not budgets:
         raise ConfigError("--budgets: give at least one latency budget in milliseconds")
     out = Path(out)
@@ -84,7 +94,7 @@ def sweep(run: str | os.PathLike, out: str | os.PathLike, budgets: Sequence[floa
     for i, budget in enumerate(budgets):
         if progress:
             progress("budget", i, len(budgets), {"budget_ms": budget})
-        sub = out / f"budget-{budget:g}ms"
+        sub = out if len(budgets) == 1 else out / f"budget-{budget:g}ms"
         best = research(opened, sub, make_reward(budget), steps=steps, controller_lr=controller_lr,
                         derive_samples=derive_samples, meta={**(meta or {}), "run": str(run), "budget_ms": budget},
                         progress=progress)

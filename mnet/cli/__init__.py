@@ -38,7 +38,7 @@ def _register() -> None:
 
     for mod in (data, arch, train):
         mod.register(app)
-    for name in ("search", "export", "calibrate", "latency", "grade", "report", "demo"):
+    for name in ("search", "research", "export", "calibrate", "latency", "grade", "report", "demo"):
         try:
             mod = __import__(f"mnet.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as e:

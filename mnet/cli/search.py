@@ -36,6 +36,15 @@ def search(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT (same options).")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
+    latency_table: Annotated[Optional[Path], typer.Option(help="latency.json of the target device "
+                                                          "(`mnet calibrate latency`): adds latency to the reward.")]
+    = None,
+    latency_budget_ms: Annotated[Optional[float], typer.Option(help="Latency budget T in ms (with --latency-table).")]
+    = None,
+    latency_mode: Annotated[str, typer.Option(help="soft (α=β=−0.07) or hard (α=0, β=−1): "
+                                              "R = acc × (LAT/T)^w, w = α if LAT ≤ T else β.")] = "soft",
+    latency_alpha: Annotated[Optional[float], typer.Option(help="Override α.")] = None,
+    latency_beta: Annotated[Optional[float], typer.Option(help="Override β.")] = None,
 ) -> None:
     """Search for an architecture with ENAS (or random search); writes OUT/arch.json for `mnet train`."""
     from mnet.arch import get_preset
@@ -45,7 +54,12 @@ def search(
     from mnet.search.enas import SearchConfig, check_run_dir
     from mnet.search.enas import search as run_search
 
+    from mnet.cli.research import latency_reward_from_options
+    from mnet.search.research import annotate_arch
+
     check_run_dir(out, resume)
+    reward, latency_meta = latency_reward_from_options(latency_table, latency_budget_ms, latency_mode,
+                                                       latency_alpha, latency_beta)
     cfg = SearchConfig(preset=preset, strategy=strategy, schedule=schedule, supernet_epochs=supernet_epochs,
                        derive_samples=derive_samples, batch_size=batch_size, lr=lr, bn=bn, val_fraction=val_fraction,
                        controller=ControllerConfig(steps=controller_steps, lr=controller_lr),
@@ -71,13 +85,17 @@ def search(
                 p.update(tasks[stage], completed=done, total=total)
 
         try:
-            result = run_search(data, out, cfg, resume=resume, splits=splits, progress=progress)
+            result = run_search(data, out, cfg, reward=reward, resume=resume, splits=splits, progress=progress)
         except KeyboardInterrupt:
             p.stop()
             err.print(f"interrupted: the search state is saved in {out}; continue it with the same command "
                       "and --resume", highlight=False, markup=False)
             raise typer.Exit(130) from None
     b = result.best
+    if latency_meta:
+        annotate_arch(out, latency_meta, b)
+        console.print(f"predicted latency {b.extras['latency_ms']:.3f} ms (budget {latency_budget_ms:g} ms on "
+                      f"{latency_meta['table_fingerprint']})", highlight=False, markup=False)
     console.print(f"arch → {out / 'arch.json'}  (reward {b.reward:.4f}, one-minibatch accuracy {b.accuracy:.4f}, "
                   f"{b.arch.num_params():,} params, {b.arch.macs():,} MACs; {result.seconds:.1f}s on {result.device})")
     console.print(f"next: mnet train {data} --arch {out / 'arch.json'} --out RUN", highlight=False, markup=False)
