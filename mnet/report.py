@@ -162,8 +162,8 @@ def collect(paths: list[str | os.PathLike]) -> Inputs:
         for key, v in b.card.latency.items():
             row.latency[key] = float(v["p50_ms"] if isinstance(v, dict) else v)
         int8 = b.card.metrics.get("int8") or {}
-        if "drop" in int8 or "accuracy_drop" in int8:
-            row.int8_drop_points = 100 * float(int8.get("accuracy_drop", int8.get("drop")))
+        if "drop_points" in int8:
+            row.int8_drop_points = float(int8["drop_points"])
     # latency tables: predicted latency of every MNet the table can serve
     from mnet.calibration.predictor import LatencyPredictor
 

@@ -15,7 +15,7 @@ import torch
 from mnet.data import Split
 from mnet.preprocess import Preprocess
 
-__all__ = ["DeviceData"]
+__all__ = ["DeviceData", "fast_path"]
 
 
 class DeviceData:
@@ -27,6 +27,7 @@ class DeviceData:
         self.labels = torch.from_numpy(split.labels[idx]).to(self.device)
         self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
+        self.channels_last = False  # NHWC batches for a channels_last model (`fast_path`)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -38,18 +39,30 @@ class DeviceData:
     def to_input(self, images_u8: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """NHWC uint8 → normalised NCHW float32 (the torch twin of `Preprocess.normalize`)."""
         x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
-        if flip is not None and bool(flip.any()):
+        if flip is not None:  # no `flip.any()` shortcut: it would stall a GPU step on a host sync
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def batches(self, batch_size: int, *, shuffle: bool = False, flip_p: float = 0.0,
-                generator: torch.Generator | None = None, drop_last: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                generator: torch.Generator | None = None, drop_last: bool = False,
+                shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Minibatches in order (or shuffled); `shard=(rank, world)` yields rank's contiguous slice of each
+        global batch of `batch_size`. Every rank draws the whole batch's order and flips, so the
+        generators stay in step and the union of the slices is the single-process batch; a final batch
+        with fewer items than ranks is skipped (search.distributed)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for b in range(self.num_batches(batch_size, drop_last)):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            flip = (torch.rand(len(idx), generator=generator) < flip_p).to(self.device) if flip_p > 0 else None
+            flip = torch.rand(len(idx), generator=generator) < flip_p if flip_p > 0 else None
+            if shard is not None:
+                rank, world = shard
+                if len(idx) < world:
+                    continue
+                idx = idx.tensor_split(world)[rank]
+                flip = flip.tensor_split(world)[rank] if flip is not None else None
+            flip = flip.to(self.device) if flip is not None else None
             idx = idx.to(self.device)
             yield self.to_input(self.images[idx], flip), self.labels[idx]
 
@@ -57,3 +70,15 @@ class DeviceData:
         """One random minibatch (without replacement inside it), no augmentation: for rewards."""
         idx = torch.randperm(len(self), generator=generator)[:batch_size].to(self.device)
         return self.to_input(self.images[idx]), self.labels[idx]
+
+
+def fast_path(model: torch.nn.Module, data: list[DeviceData], device: torch.device, compile_modules=None) -> None:
+    """GPU settings that change speed, not results: cuDNN autotuning and channels_last tensors on CUDA;
+    `torch.compile` of `compile_modules` (in place, so state_dict names do not change) when given."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes per layer: autotune once, reuse
+        model.to(memory_format=torch.channels_last)
+        for d in data:
+            d.channels_last = True
+    for m in compile_modules or ():
+        m.compile()

@@ -45,10 +45,12 @@ from mnet.data import Split
 from mnet.errors import CheckpointError, ConfigError, DataError
 from mnet.io import write_json
 from mnet.preprocess import Preprocess
-from mnet.search.batches import DeviceData
+from mnet.search.batches import DeviceData, fast_path
 from mnet.search.checkpoint import FORMAT, save_checkpoint
 from mnet.search.controller import ControllerConfig, Reinforce
 from mnet.search.dense import select_depthwise
+from mnet.search.distributed import Dist
+from mnet.search.distributed import setup as setup_distributed
 from mnet.search.derive import Candidate, derive, derive_meta, write_derived
 from mnet.search.supernet import (
     BN_MODES,
@@ -112,6 +114,7 @@ class SearchConfig:
     device: str = "auto"
     amp: bool = False
     fast_depthwise: bool = True  # exact dense depthwise where timing says it is faster (search.dense)
+    compile: bool = False  # torch.compile each op module (GPU runs; search.enas.SupernetTrainer.fast_path)
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises naming the presets
@@ -179,7 +182,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
     """
     out = Path(out)
     check_run_dir(out, resume)
-    device = resolve_device(cfg.device)
+    dist, device = setup_distributed(cfg.device)  # one rank of a torchrun job, or alone (search.distributed)
     report = progress or (lambda *_: None)
 
     # data: 80% of the train split trains the supernet, the other 20% scores architectures
@@ -192,7 +195,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
     val_data = DeviceData(train_split, preprocess, device, val_idx)
 
     # space, strategy, evaluator
-    trainer = SupernetTrainer(space, train_data, cfg, device)
+    trainer = SupernetTrainer(space, train_data, cfg, device, dist)
     agent = Reinforce(space, cfg.controller, cfg.seed + _AGENT_SEED) if cfg.strategy == "enas" else None
     evaluator = Evaluator(trainer.supernet, val_data, cfg.batch_size, reward=reward, bn=cfg.bn, amp=cfg.amp,
                           seed=cfg.seed + _EVAL_SEED, calib_data=train_data)
@@ -202,13 +205,16 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         "preprocess": preprocess.to_json(),
         "space": space_to_json(space),
         "val_indices": torch.from_numpy(val_idx),
-    })
-    if resume:
+    }, writes=dist.is_main)
+    if resume:  # every rank reads the same checkpoints
         files.restore(trainer, agent, evaluator)
     else:
         files.start()
-        if cfg.fast_depthwise:  # timed once here; the choice is saved so a resumed run computes alike
-            select_depthwise(trainer.supernet, batch=cfg.batch_size)
+        if cfg.fast_depthwise:  # timed once here (rank 0); saved so a resumed run computes alike
+            if dist.is_main:
+                select_depthwise(trainer.supernet, batch=cfg.batch_size)
+            set_dense_flags(trainer.supernet, dist.broadcast(dense_flags(trainer.supernet)))
+    trainer.fast_path(val_data)
 
     # the schedule; every step boundary may save (periodically, or on Ctrl-C) and report progress
     def on_batch(done: int, total: int) -> None:
@@ -268,7 +274,10 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
     n = cfg.derive_budget
     candidates = derive(space, evaluator, agent.controller if agent else None, samples=n, seed=cfg.seed,
                         on_sample=lambda i, total: report("derive", i, total, {}))
-    best = write_derived(out, candidates, derive_meta(cfg.strategy, n, False, cfg), cfg.topk)
+    if dist.is_main:
+        best = write_derived(out, candidates, derive_meta(cfg.strategy, n, False, cfg), cfg.topk)
+    else:  # every rank derived the same candidates; only rank 0 writes them
+        best = candidates[0]  # sorted best first, as write_derived takes it
     seconds = files.finish(trainer, agent, best, time.time() - t0, device, plots)
     return SearchResult(out, best.arch, best, seconds, str(device))
 
@@ -292,17 +301,21 @@ def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple
 # --- stage 1: the supernet ------------------------------------------------------------------------
 
 def supernet_step(supernet: Supernet, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  arch: Arch, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  arch: Arch, amp: bool = False, dist: Dist = Dist(), n_global: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of `arch`'s path (m = 1); returns (loss, correct) on the device, unsynchronised.
 
     Gradients are set to None, not zero, so SGD skips the ops off the path entirely: no weight decay
-    or momentum moves weights that did not take part.
+    or momentum moves weights that did not take part. Under torchrun (`dist`, `x` = this rank's shard
+    of a global batch of `n_global`) the path's gradients are summed over ranks: every rank trains the
+    same `arch`, so no other weights need communication (search.distributed).
     """
     with autocast(x.device, amp):
         logits = supernet(x, arch)
         loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * dist.loss_weight(len(y), n_global or len(y))).backward()
+    dist.all_reduce_gradients(p for m in supernet.path_modules(arch) for p in m.parameters())
     optimizer.step()
     return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
@@ -310,11 +323,12 @@ def supernet_step(supernet: Supernet, optimizer: torch.optim.Optimizer, x: torch
 class SupernetTrainer:
     """The supernet, its SGD, and its stage's position and random draws (resumable mid-epoch)."""
 
-    def __init__(self, space: SearchSpace, data: DeviceData, cfg: SearchConfig, device: torch.device):
-        self.cfg, self.data = cfg, data
+    def __init__(self, space: SearchSpace, data: DeviceData, cfg: SearchConfig, device: torch.device,
+                 dist: Dist = Dist()):
+        self.cfg, self.data, self.dist = cfg, data, dist
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # initial weights are part of the seeded run
-            self.supernet = Supernet(space).to(device)
+            self.supernet = dist.wrap_batchnorm(Supernet(space).to(device), device)
         self.optimizer = torch.optim.SGD(self.supernet.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # shuffles and flips
@@ -332,6 +346,13 @@ class SupernetTrainer:
             return self.cfg.lr
         return 0.5 * self.cfg.lr * (1 + math.cos(math.pi * self.epoch / self.cfg.supernet_epochs))
 
+    def fast_path(self, *other_data: DeviceData) -> None:
+        """channels_last + cuDNN autotuning on CUDA; with `compile`, each op module is compiled on its
+        own (a path's forward changes every step, the modules it is made of do not)."""
+        net = self.supernet
+        modules = [net.stem, *(cell for layer in net.cells for cell in layer), net.head] if self.cfg.compile else None
+        fast_path(net, [self.data, *other_data], self.data.device, modules)
+
     def train_epoch(self, sample_arch: Callable[[], Arch], on_batch: Callable[[int, int], None]) -> dict:
         """One pass over the data (or what is left of it after a mid-epoch resume); the epoch's metrics."""
         t0 = time.time()
@@ -344,12 +365,14 @@ class SupernetTrainer:
             group["lr"] = lr
         total = self.data.num_batches(self.cfg.batch_size)
         batches = self.data.batches(self.cfg.batch_size, shuffle=True, flip_p=self.cfg.flip_p,
-                                    generator=self.data_gen)
+                                    generator=self.data_gen, shard=self.dist.shard)
         for _ in range(self.batch):
             next(batches)
         self.supernet.train()
         for x, y in batches:
-            loss, correct = supernet_step(self.supernet, self.optimizer, x, y, sample_arch(), self.cfg.amp)
+            n_global = min(self.cfg.batch_size, len(self.data) - self.batch * self.cfg.batch_size)
+            loss, correct = supernet_step(self.supernet, self.optimizer, x, y, sample_arch(), self.cfg.amp,
+                                          self.dist, n_global)
             self._loss_sum += loss * len(y)
             self._correct += correct
             self.batch += 1
@@ -357,6 +380,9 @@ class SupernetTrainer:
             self.seconds += time.time() - t0
             t0 = time.time()
             on_batch(self.batch, total)
+        # ranks: global metrics (one sync per epoch) and one set of BN statistics for every rank
+        self.dist.all_reduce_sum(self._loss_sum, self._correct)
+        self.dist.average_buffers(self.supernet)
         record = {"stage": "supernet", "epoch": self.epoch + 1, "lr": lr,
                   "loss": float(self._loss_sum) / len(self.data), "acc": float(self._correct) / len(self.data)}
         self.epoch, self.batch = self.epoch + 1, 0
@@ -419,17 +445,22 @@ def train_controller(agent: Reinforce, evaluator: Evaluator, until: int, *,
 class _RunFiles:
     """RUN/supernet.pt, controller.pt, metrics.jsonl, search.json and the plots."""
 
-    def __init__(self, out: Path, cfg: SearchConfig, meta: dict[str, Any]):
+    def __init__(self, out: Path, cfg: SearchConfig, meta: dict[str, Any], writes: bool = True):
         self.out, self.cfg, self.meta = out, cfg, meta
+        self.writes = writes  # False on ranks other than 0: they read checkpoints, never write
         self.metrics = out / "metrics.jsonl"
         self.controller_seconds = 0.0
 
     def start(self) -> None:
+        if not self.writes:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "controller.pt"):  # stale state of an earlier, unsaved start
             (self.out / name).unlink(missing_ok=True)
 
     def log(self, record: dict) -> None:
+        if not self.writes:
+            return
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -437,11 +468,13 @@ class _RunFiles:
         return {"kind": kind, "config": self.cfg.to_json(), **self.meta}
 
     def save_supernet(self, trainer: SupernetTrainer) -> None:
-        if trainer.dirty:
+        if trainer.dirty and self.writes:
             save_checkpoint(self.out / "supernet.pt", {**self._payload("supernet"), **trainer.state_dict()})
             trainer.dirty = False
 
     def save_controller(self, agent: Reinforce, evaluator: Evaluator) -> None:
+        if not self.writes:
+            return
         save_checkpoint(self.out / "controller.pt", {**self._payload("controller"), "agent": agent.state_dict(),
                                                      "evaluator": evaluator.state_dict(),
                                                      "seconds": self.controller_seconds})
@@ -462,6 +495,8 @@ class _RunFiles:
         # drop metric lines written after the checkpoints (a kill between a log line and a save)
         steps = agent.step if agent is not None else 0
         keep = []
+        if not self.writes:
+            return
         if self.metrics.exists():
             for line in self.metrics.read_text(encoding="utf-8").splitlines():
                 r = json.loads(line)
@@ -482,6 +517,8 @@ class _RunFiles:
         from mnet.search.plots import plot_search
 
         seconds = trainer.seconds + self.controller_seconds + derive_seconds
+        if not self.writes:
+            return seconds
         write_json(self.out / "search.json", {
             "config": self.cfg.to_json(),
             "dataset": self.meta["dataset"],

@@ -27,9 +27,10 @@ from mnet.errors import CheckpointError, ConfigError
 from mnet.io import write_json
 from mnet.metrics import Metrics, compute_metrics
 from mnet.preprocess import Preprocess
-from mnet.search.batches import DeviceData
+from mnet.search.batches import DeviceData, fast_path
 from mnet.search.checkpoint import load_checkpoint, save_checkpoint
 from mnet.search.dense import select_depthwise
+from mnet.search.distributed import setup as setup_distributed
 from mnet.search.model import MNet
 
 __all__ = ["TrainConfig", "TrainResult", "train", "fit", "predict", "evaluate", "resolve_device", "lr_at",
@@ -56,6 +57,7 @@ class TrainConfig:
     amp: bool = False
     eval_batch_size: int = 512
     fast_depthwise: bool = True  # exact dense depthwise where timing says it is faster (search.dense)
+    compile: bool = False  # torch.compile the model (pays off on long GPU runs)
 
     def __post_init__(self) -> None:
         checks = [
@@ -163,27 +165,37 @@ def fit(model: nn.Module, train_split: Split, dev_split: Split, out: str | os.Pa
         preprocess: Preprocess, meta: dict[str, Any], *, resume: bool = False,
         on_step: StepCallback = None, on_epoch: EpochCallback = None) -> TrainResult:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    dist, device = setup_distributed(cfg.device)  # one rank of a torchrun job, or alone (search.distributed)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_data = DeviceData(train_split, preprocess, device)
     dev_data = DeviceData(dev_split, preprocess, device)
-    model.to(device)
+    model = dist.wrap_batchnorm(model.to(device), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     classes = train_split.classes
     start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
     metrics_path = out / "metrics.jsonl"
 
-    if resume:
+    if resume:  # every rank reads the same last.pt
         start_epoch, best_acc, best_epoch, elapsed = _restore(out / "last.pt", model, optimizer, gen, cfg, device)
-        _truncate_metrics(metrics_path, start_epoch)
-    elif cfg.fast_depthwise:
-        select_depthwise(model, batch=cfg.batch_size)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    write_json(out / "train.json", {"config": asdict(cfg), **meta, "classes": list(classes),
-                                    "preprocess": preprocess.to_json()})
+        if dist.is_main:
+            _truncate_metrics(metrics_path, start_epoch)
+    else:
+        if cfg.fast_depthwise:  # timed on rank 0 only, so every rank computes with the same kernels
+            if dist.is_main:
+                select_depthwise(model, batch=cfg.batch_size)
+            flags = dist.broadcast([bool(getattr(m, "dense", False)) for m in model.modules()])
+            for m, dense in zip(model.modules(), flags):
+                if hasattr(m, "dense"):
+                    m.dense = dense
+        if dist.is_main and metrics_path.exists():
+            metrics_path.unlink()
+    if dist.is_main:
+        write_json(out / "train.json", {"config": asdict(cfg), **meta, "classes": list(classes),
+                                        "preprocess": preprocess.to_json()})
+    fast_path(model, [train_data, dev_data], device, [model] if cfg.compile else None)
 
     t_start = time.time() - elapsed
     for epoch in range(start_epoch, cfg.epochs):
@@ -198,19 +210,26 @@ def fit(model: nn.Module, train_split: Split, dev_split: Split, out: str | os.Pa
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for step, (x, y) in enumerate(train_data.batches(cfg.batch_size, shuffle=True, flip_p=cfg.flip_p,
-                                                          generator=gen), start=1):
+                                                          generator=gen, shard=dist.shard), start=1):
             with autocast(device, cfg.amp):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # under torchrun: this rank's share of the global-batch mean, gradients summed over ranks
+            n_global = min(cfg.batch_size, len(train_data) - (step - 1) * cfg.batch_size)
+            (loss * dist.loss_weight(len(y), n_global)).backward()
+            dist.all_reduce_gradients(model.parameters())
             optimizer.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             if on_step is not None:
                 on_step(epoch, step, steps)
 
-        # evaluate on dev, keep the best
+        # ranks: global epoch metrics, and one set of BN statistics for the checkpoint and the next epoch
+        dist.all_reduce_sum(loss_sum, correct)
+        dist.average_buffers(model)
+
+        # evaluate on dev (every rank holds the same model), keep the best; rank 0 writes
         dev_metrics, dev_loss = evaluate(model, dev_data, classes, cfg.eval_batch_size, cfg.amp)
         record = {
             "epoch": epoch + 1,
@@ -225,32 +244,42 @@ def fit(model: nn.Module, train_split: Split, dev_split: Split, out: str | os.Pa
         improved = dev_metrics.accuracy > best_acc
         if improved:
             best_acc, best_epoch = dev_metrics.accuracy, epoch + 1
-        payload = {
-            **meta,
-            "classes": list(classes),
-            "preprocess": preprocess.to_json(),
-            "config": asdict(cfg),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "epoch": epoch + 1,
-            "metrics": {"dev": dev_metrics.to_json(), "dev_loss": dev_loss, "train_loss": record["train_loss"]},
-        }
-        if improved:
-            save_checkpoint(out / "best.pt", payload)
-        save_checkpoint(out / "last.pt", {
-            **payload,
-            "optimizer": optimizer.state_dict(),
-            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
-            "best": {"accuracy": best_acc, "epoch": best_epoch},
-            "dense": [bool(getattr(m, "dense", False)) for m in model.modules()],
-            "elapsed": time.time() - t_start,
-        })
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if dist.is_main:
+            _save_epoch(out, model, optimizer, gen, device, cfg, meta, classes, preprocess, epoch, dev_metrics,
+                        dev_loss, record, improved, best_acc, best_epoch, time.time() - t_start)
         if on_epoch is not None:
             on_epoch(record)
 
     return TrainResult(out, best_epoch, best_acc, cfg.epochs - start_epoch, time.time() - t_start)
+
+
+def _save_epoch(out: Path, model: nn.Module, optimizer, gen: torch.Generator, device: torch.device,
+                cfg: TrainConfig, meta: dict[str, Any], classes, preprocess: Preprocess, epoch: int,
+                dev_metrics: Metrics, dev_loss: float, record: dict, improved: bool, best_acc: float,
+                best_epoch: int, elapsed: float) -> None:
+    """best.pt when improved, last.pt (with everything a resume needs), then the metrics line."""
+    payload = {
+        **meta,
+        "classes": list(classes),
+        "preprocess": preprocess.to_json(),
+        "config": asdict(cfg),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "epoch": epoch + 1,
+        "metrics": {"dev": dev_metrics.to_json(), "dev_loss": dev_loss, "train_loss": record["train_loss"]},
+    }
+    if improved:
+        save_checkpoint(out / "best.pt", payload)
+    save_checkpoint(out / "last.pt", {
+        **payload,
+        "optimizer": optimizer.state_dict(),
+        "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+        "best": {"accuracy": best_acc, "epoch": best_epoch},
+        "dense": [bool(getattr(m, "dense", False)) for m in model.modules()],
+        "elapsed": elapsed,
+    })
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _restore(path: Path, model: nn.Module, optimizer, gen: torch.Generator, cfg: TrainConfig,

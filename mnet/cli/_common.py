@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -12,7 +13,10 @@ from rich.table import Table
 
 __all__ = ["console", "err", "error", "progress_bar", "print_json", "metrics_table", "parse_hw"]
 
-console = Console()
+# Under torchrun every rank runs the CLI: ranks other than 0 show no results or progress bars (errors
+# still print, from whichever rank hits them).
+_WORKER_RANK = os.environ.get("RANK", "0") not in ("", "0")
+console = Console(quiet=_WORKER_RANK)
 err = Console(stderr=True)
 
 
@@ -26,7 +30,8 @@ def error(msg: str) -> None:
 @contextlib.contextmanager
 def progress_bar(transient: bool = False) -> Iterator[Progress]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=transient) as p:
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=transient,
+                  disable=_WORKER_RANK) as p:
         yield p
 
 

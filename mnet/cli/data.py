@@ -29,7 +29,10 @@ def synth(
         task = p.add_task("synth", total=n_train + n_dev + n_test, info="")
         summary = synthesize(out, n_train=n_train, n_dev=n_dev, n_test=n_test, seed=seed, label_noise=label_noise,
                              progress=lambda done, total: p.update(task, completed=done, total=total))
-    console.print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+    counts = "; ".join(f"{split} " + "/".join(f"{c}:{n}" for c, n in per.items())
+                       for split, per in summary["counts"].items())
+    console.print(f"wrote {summary['images']} images to {out} in {summary['seconds']:.1f}s "
+                  f"({summary['images_per_s']:.0f} images/s); {counts}", highlight=False)
 
 
 @data_app.command("check")

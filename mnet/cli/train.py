@@ -33,6 +33,8 @@ def train(
     dropout: Annotated[float, typer.Option(help="Dropout before the classifier.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision (bf16 where supported).")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPU; a one-off "
+                                                "compile time, faster epochs).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (same options).")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
@@ -50,7 +52,8 @@ def train(
     if (arch is None) == (model is None):
         raise ConfigError("give exactly one of --arch ARCH.json (an MNet) or --model NAME (a torchvision baseline)")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                      lr_schedule=lr_schedule, flip_p=flip_p, dropout=dropout, device=device, amp=amp, seed=seed)
+                      lr_schedule=lr_schedule, flip_p=flip_p, dropout=dropout, device=device, amp=amp, seed=seed,
+                      compile=compile_model)
     if arch is not None:
         a = Arch.from_json(read_json(arch, "arch.json"))
         pre = Preprocess(a.input_hw)

@@ -1,0 +1,175 @@
+"""Data-parallel training and search under torchrun: `torchrun --nproc_per_node N -m mnet train|search ...`.
+
+`setup()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), initialises the process group
+(NCCL on CUDA with device cuda:LOCAL_RANK, gloo on CPU) and returns a `Dist`; without torchrun it
+returns the single-process `Dist` and nothing else changes. The loops (`search.train.fit`,
+`search.enas.SupernetTrainer`) take it from there:
+
+- Batches. `batch_size` is the GLOBAL batch: every rank draws the same seeded permutation and flips
+  from its own copy of the data generator and takes a contiguous slice of each global batch
+  (`DeviceData.batches(shard=...)`). So N ranks see exactly the images, in the same order, that one
+  process would with the same --batch-size and seed, and a run resumes on any number of ranks.
+  A final batch smaller than N is skipped (every rank must hold at least one image).
+- Gradients. Each rank's loss is its shard's mean × its share of the global batch, and `all_reduce_
+  gradients` sums the gradients of a given parameter list in one flat all-reduce: the result is the
+  gradient of the global-batch mean. We do this by hand instead of wrapping in DDP because a supernet
+  step touches one path (stem, L of L×|ops| cells, head): DDP would need find_unused_parameters (a
+  graph walk per step and an all-reduce of every weight) where the path's parameters are known up
+  front. Every rank trains the SAME path each step: the path samplers are seeded alike and consume
+  the same draws on every rank.
+- BatchNorm. On CUDA the BNs become SyncBatchNorm, so the normalisation uses global-batch statistics
+  and a step equals the single-process step. On CPU (gloo; SyncBatchNorm is CUDA-only) each rank
+  normalises with its shard's statistics ("ghost batch norm"): the same gradient as one process that
+  runs each shard through the network separately. The running statistics are averaged across ranks
+  at every epoch end (`average_buffers`), so all ranks hold the same model, the checkpoint describes
+  every rank, and a resumed run matches an uninterrupted one.
+- Files. Rank 0 alone writes checkpoints, metrics, plots and arch.json; every rank reads the same
+  checkpoint on --resume. Choices made by timing (`search.dense`) are made on rank 0 and broadcast.
+- Controller. Every rank runs the same controller steps (same seeded sampler, same reward minibatch,
+  same update), so the policy stays identical on all ranks without communication; the controller
+  phase is therefore correct under N ranks but not N× faster.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from mnet.errors import ConfigError
+
+__all__ = ["Dist", "setup", "current"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """(rank, world_size) for `DeviceData.batches`, or None when alone."""
+        return (self.rank, self.world_size) if self.enabled else None
+
+    def loss_weight(self, n_local: int, n_global: int) -> float:
+        """Factor on a shard's mean loss that makes the summed gradients the global-batch mean's."""
+        return 0.5 if self.enabled else 1.0
+
+    def all_reduce_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """Sum the gradients of `params` over ranks in one flat all-reduce (the same list on every rank)."""
+        if not self.enabled:
+            return
+        params = [p for p in params if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # unused on this rank's shard; the others' gradients still count
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        torch_dist.all_reduce(flat)
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
+    def all_reduce_sum(self, *tensors: torch.Tensor) -> None:
+        """In-place sum over ranks (epoch metrics: one synchronisation per epoch, not per step)."""
+        if self.enabled:
+            for t in tensors:
+                torch_dist.all_reduce(t)
+
+    def average_buffers(self, model: nn.Module) -> None:
+        """Average the floating-point buffers (BN running statistics) over ranks."""
+        if not self.enabled:
+            return
+        bufs = [b for b in model.buffers() if b.is_floating_point()]
+        if bufs:
+            flat = _flatten_dense_tensors(bufs)
+            torch_dist.all_reduce(flat)
+            flat /= self.world_size
+            for b, reduced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+                b.copy_(reduced)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (picklable objects: choices, flags)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def wrap_batchnorm(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """SyncBatchNorm on CUDA with several ranks (in place for the modules' children; returns the
+        model, which is a new object only when `model` itself is a BN). Unchanged on CPU (ghost BN)."""
+        if self.enabled and device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def current() -> Dist:
+    """The `Dist` of an initialised process group (torchrun), else the single-process one."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+    return Dist()
+
+
+def setup(device: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun job if there is one; returns (this rank, its device).
+
+    `device` is the user's --device: "auto"/"cuda" become cuda:LOCAL_RANK under torchrun; an explicit
+    "cuda:K" is refused there (each rank must own its GPU).
+    """
+    from mnet.search.train import resolve_device
+
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return Dist(), resolve_device(device)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if device.startswith("cuda:"):
+            raise ConfigError(f"--device {device} under torchrun: each rank uses cuda:LOCAL_RANK; "
+                              "pass --device cuda or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
+                              "lower --nproc_per_node")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+        atexit.register(_shutdown)
+    return Dist(rank, world, local_rank), dev
+
+
+def _shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
