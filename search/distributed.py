@@ -71,7 +71,7 @@ class Dist:
 
     def loss_weight(self, n_local: int, n_global: int) -> float:
         """Factor on a shard's mean loss that makes the summed gradients the global-batch mean's."""
-        return 0.5 if self.enabled else 1.0
+        return n_local / n_global if self.enabled else 1.0
 
     def all_reduce_gradients(self, params: Iterable[nn.Parameter]) -> None:
         """Sum the gradients of `params` over ranks in one flat all-reduce (the same list on every rank)."""

@@ -26,6 +26,7 @@ def runs(colour_data, tmp_path_factory):
     assert main(["baseline", str(colour_data), "--model", "shufflenet_v2_x1_0", "--out", str(root / "shuffle"),
                  "--epochs", "1", "--input-size", "32", "--batch-size", "32"]) == 0
     assert main(["export", "onnx", str(root / "mnet" / "best.pt"), "--out", str(root / "bundle")]) == 0
+    assert main(["calibrate", "int8", str(root / "bundle"), str(colour_data), "--samples", "16"]) == 0
     assert main(["bundle", "bench", str(root / "bundle"), "--seconds", "0.05"]) == 0
     write_json(root / "fusion" / "fusion.json", {"kind": "fusion", "mode": "feature", "runs": ["a", "b"],
                                                  "best": {"runs": ["a", "b"], "dev_acc": 0.5, "test_acc": 0.4},
@@ -43,7 +44,9 @@ def test_report_has_every_column_and_plot(runs, tmp_path):
                 "Acc (%)", "onnxruntime/cpu/fp32/b1 (ms)", "INT8 drop (pts)"):
         assert col in header, col
     rows = [line for line in md.splitlines() if line.startswith("| 24 × 32") or line.startswith("| 32 × 32")]
-    assert any("ENAS (RL)" in r and "CPU-h" in r and "1.0x" in r for r in rows)
+    enas = next(r for r in rows if "ENAS (RL)" in r)
+    assert "CPU-h" in enas and "1.0x" in enas
+    assert re.search(r"\| -?\d+\.\d\d \|$", enas), enas  # the INT8 drop, in points
     assert any("shufflenet_v2_x1_0" in r and "manual" in r for r in rows)
     assert "Fusion baselines" in md
     html = (out / "report.html").read_text()
