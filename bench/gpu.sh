@@ -10,7 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if ! "$PY" -c "import mnet.search.enas" >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+    if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e .; then
+        # no usable setuptools there: lay the import root out by hand (pyproject's package-dir map)
+        SHIM="$(mktemp -d)"
+        cp -r mnet "$SHIM/mnet"
+        for stage in search calibration export runtime; do cp -r "$stage" "$SHIM/mnet/$stage"; done
+        export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    fi
 fi
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true

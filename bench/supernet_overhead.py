@@ -17,13 +17,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import emit
-
-from mnet.arch import PRESETS, SearchSpace
 from mnet.search.dense import select_depthwise
 from mnet.search.enas import supernet_step
 from mnet.search.supernet import Supernet
+
+from mnet.arch import PRESETS, SearchSpace
 
 
 def _child_step(model, opt, x, y) -> None:
@@ -48,7 +47,7 @@ def main() -> None:
     space = SearchSpace(p.name, p.num_layers, args.width, p.input_hw, p.stem_stride)
     supernet = Supernet(space)
     counts = select_depthwise(supernet, batch=args.batch)  # the children copy these choices
-    sgd = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sgd = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
     sopt = torch.optim.SGD(supernet.parameters(), **sgd)
     x = torch.randn(args.batch, 3, *space.input_hw)
     y = torch.randint(0, 3, (args.batch,))

@@ -24,12 +24,12 @@ __all__ = ["Stage", "demo_stages", "run_demo", "DemoSizes", "demo_budget_ms"]
 class DemoSizes:
     """How big the demo is; `tiny()` is what the end-to-end test uses."""
 
-    n_train: int = 1200
-    n_dev: int = 300
-    n_test: int = 300
-    supernet_epochs: int = 8
-    controller_steps: int = 150
-    derive_samples: int = 40
+    n_train: int = 2000
+    n_dev: int = 400
+    n_test: int = 400
+    supernet_epochs: int = 4
+    controller_steps: int = 100
+    derive_samples: int = 30
     train_epochs: int = 40
     train_lr: float = 0.05
     calib_samples: int = 300
@@ -52,7 +52,7 @@ class Stage:
     clean: tuple[Path, ...] = ()  # removed before the stage runs again (commands that refuse to overwrite)
 
 
-def demo_budget_ms(table: Path, quantile: float = 0.3, samples: int = 200) -> float:
+def demo_budget_ms(table: Path, quantile: float = 0.5, samples: int = 200) -> float:
     """A budget that binds: the `quantile` of predicted latencies of random architectures on this machine."""
     import random
 
@@ -93,7 +93,7 @@ def demo_stages(out: Path, sizes: DemoSizes = DemoSizes()) -> list[Stage]:
                                                   "--controller-steps", str(sizes.controller_steps),
                                                   "--derive-samples", str(sizes.derive_samples), "--lr", "0.05",
                                                   "--controller-lr", "0.005", "--batch-size", "64",
-                                                  "--latency-table", str(table)),
+                                                  "--latency-table", str(table), "--latency-mode", "hard"),
               (search / "arch.json",), late=_with_budget(table), clean=(search,)),
         Stage("train from scratch", ("train", str(data), "--arch", str(search / "arch.json"), "--out", str(run),
                                      "--epochs", str(sizes.train_epochs), "--lr", str(sizes.train_lr),

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -44,7 +45,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mnet.errors import ConfigError
 
-__all__ = ["Dist", "setup", "current"]
+__all__ = ["SINGLE", "Dist", "current", "setup"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class Dist:
         return model
 
 
+SINGLE = Dist()  # the process alone (no torchrun): every collective is a no-op
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:
@@ -139,7 +143,7 @@ def current() -> Dist:
     """The `Dist` of an initialised process group (torchrun), else the single-process one."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), _env_int("LOCAL_RANK", 0))
-    return Dist()
+    return SINGLE
 
 
 def setup(device: str) -> tuple[Dist, torch.device]:
@@ -152,7 +156,7 @@ def setup(device: str) -> tuple[Dist, torch.device]:
 
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
-        return Dist(), resolve_device(device)
+        return SINGLE, resolve_device(device)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device)
     if dev.type == "cuda":

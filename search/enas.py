@@ -49,7 +49,7 @@ from mnet.search.batches import DeviceData, fast_path
 from mnet.search.checkpoint import FORMAT, save_checkpoint
 from mnet.search.controller import ControllerConfig, Reinforce
 from mnet.search.dense import select_depthwise
-from mnet.search.distributed import Dist
+from mnet.search.distributed import SINGLE, Dist
 from mnet.search.distributed import setup as setup_distributed
 from mnet.search.derive import Candidate, derive, derive_meta, write_derived
 from mnet.search.supernet import (
@@ -301,7 +301,7 @@ def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple
 # --- stage 1: the supernet ------------------------------------------------------------------------
 
 def supernet_step(supernet: Supernet, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  arch: Arch, amp: bool = False, dist: Dist = Dist(), n_global: int | None = None
+                  arch: Arch, amp: bool = False, dist: Dist = SINGLE, n_global: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of `arch`'s path (m = 1); returns (loss, correct) on the device, unsynchronised.
 
@@ -324,7 +324,7 @@ class SupernetTrainer:
     """The supernet, its SGD, and its stage's position and random draws (resumable mid-epoch)."""
 
     def __init__(self, space: SearchSpace, data: DeviceData, cfg: SearchConfig, device: torch.device,
-                 dist: Dist = Dist()):
+                 dist: Dist = SINGLE):
         self.cfg, self.data, self.dist = cfg, data, dist
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # initial weights are part of the seeded run

@@ -1,5 +1,4 @@
 import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -1,12 +1,9 @@
 """`mnet report` renders Table 2 from small real runs, with every column and the plots."""
 
-import json
-import random
 import re
 
 import pytest
 
-from mnet.arch import PRESETS
 from mnet.cli import main
 from mnet.io import write_json
 from mnet.search.controller import ControllerConfig

@@ -13,7 +13,7 @@ from mnet.io import write_json
 from mnet.latency_table import Entry, LatencyTable, space_blocks, space_signature
 from mnet.search.controller import ControllerConfig
 from mnet.search.enas import SearchConfig, open_run, search
-from mnet.search.research import research, sweep
+from mnet.search.research import research
 from mnet.search.reward import accuracy_reward, latency_reward
 
 
