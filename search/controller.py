@@ -13,15 +13,21 @@ b ← decay·b + (1 - decay)·R. The baseline starts at the first reward rather 
 [0, 1] a zero start makes the first ~100 advantages all positive, reinforcing whatever was sampled.
 
 Controller learning rate. Table 1 gives Adam 0.1; ENAS used 3.5e-4 (macro) / 1e-3. Measured with
-fresh controllers on trained tiny supernets (bench/search_quality.py, section "controller_lr"; the
-policy starts at its maximum entropy, 16.77 nats summed over the 8 decisions):
-  lr 0.1   entropy 11.6 after 10 steps and frozen at ~10.8 from step 25 to 200 (supernet near
-           chance: the tanh-squashed logits saturate on noise); on a better supernet 13.3 after 10
-           steps, 10.6 at 50, then erratic (14.8 at 100, 15.3 at 300);
-  lr 1e-3  16.77 → 16.69 after 200 steps, 16.53 after 300, and 12.9 after 600 in a full search.
-Rewards over the last 50 of 300 steps were the same (0.41 vs 0.41), so 0.1 buys nothing but a policy
-that commits after tens of noisy one-minibatch rewards. The default is 1e-3; `ControllerConfig.paper()`
-keeps Table 1's 0.1 for replication.
+fresh controllers on trained tiny supernets (bench/search_quality.py, section "controller_lr"); the
+policy starts at its maximum entropy, 16.77 nats summed over the 8 decisions:
+
+    supernet (synthetic set)       lr     entropy at step 10 / 50 / 100 / 200     reward, last 50
+    12 ep. lr 0.01 (near chance)   0.1    11.6 / 10.8 / 10.8 / 10.8 (frozen)      0.37
+                                   1e-3   16.77 / 16.76 / 16.75 / 16.69           0.37
+    24 ep. lr 0.05 (bench default) 0.1    12.4 / 11.7 / 7.3 / 8.6                 0.36
+                                   1e-3   16.77 / 16.76 / 16.76 / 16.72           0.38
+    80 ep. lr 0.05                 0.1    13.3 / 10.6 / 14.8 / 15.3 (erratic)     0.41 (of 300)
+                                   1e-3   16.77 / 16.73 / 16.66 / 16.74           0.41 (of 300)
+
+At 0.1 the policy sheds a quarter of its entropy within 10 noisy one-minibatch rewards (the squashed
+logits saturate) and then freezes or swings, for no better reward; at 1e-3 it moves gradually (in a
+600-step search: 16.5 at step 400, 12.9 at 600). The default is 1e-3; `ControllerConfig.paper()` keeps
+Table 1's 0.1 for replication.
 """
 
 from __future__ import annotations

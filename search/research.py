@@ -20,7 +20,7 @@ from mnet.errors import ConfigError
 from mnet.io import atomic_path, write_json
 from mnet.search.controller import ControllerConfig, Reinforce
 from mnet.search.derive import Candidate, derive, write_derived
-from mnet.search.enas import _AGENT_SEED, OpenRun, open_run, train_controller
+from mnet.search.enas import _AGENT_SEED, _EVAL_SEED, OpenRun, open_run, train_controller
 from mnet.search.supernet import RewardFn
 
 __all__ = ["research", "sweep", "annotate_arch"]
@@ -54,7 +54,7 @@ def research(opened: OpenRun, out: str | os.PathLike, reward: RewardFn, *, steps
 
     # the same evaluator batches for every re-search of this supernet, whatever ran before
     opened.evaluator.reward = reward
-    opened.evaluator.generator.manual_seed(seed + 2)
+    opened.evaluator.generator.manual_seed(seed + _EVAL_SEED)
     agent = Reinforce(opened.space, ccfg, seed + _AGENT_SEED)
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)

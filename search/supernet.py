@@ -19,17 +19,19 @@ a mixture, not the sampled path. How a sampled path is scored is therefore a cho
 Measured on the tiny preset, synthetic set (bench/search_quality.py, section "bn_modes"; 16 uniform
 archs; "truth" = recalibrated accuracy on the whole reward split; Kendall τ, SE ≈ 0.18 at n = 16):
 
-    supernet                       τ one minibatch vs truth      τ whole split vs truth
+    supernet (train acc)           τ one minibatch vs truth      τ whole split vs truth
                                    batch   running  recalib.     batch   running  recalib.
-    12 epochs (near chance)         0.40    0.03     0.47         0.60    0.21     0.94
-    80 epochs (train acc 0.44)      0.36    0.64     0.44         0.45    0.74     0.88
+    12 ep. lr 0.01 (0.39)           0.40    0.03     0.47         0.60    0.21     0.94
+    24 ep. lr 0.05 (0.40), n = 12   0.05   -0.12    -0.03         0.75   -0.10     0.98
+    80 ep. lr 0.05 (0.44)           0.36    0.64     0.44         0.45    0.74     0.88
 
-and against the retrained (15 epochs, test split) accuracy of 18 architectures, τ of the whole-split
-accuracy was -0.01 (batch), 0.12 (running), -0.09 (recalibrate): at this budget no mode ranks like
-standalone training. Cost per scored arch: batch ≈ running, recalibrate ≈ 5x. ``running`` lags a
-supernet that is still training (first row; the alternating schedule scores exactly such a supernet)
-and ``batch`` scores under the statistics the shared weights were trained with, so ``batch`` stays the
-default; on a converged two-stage supernet ``--bn running`` is a measured-equal alternative.
+and against the retrained (15 epochs, test split) accuracy of 18 architectures on the 80-epoch
+supernet, τ of the whole-split accuracy was -0.01 (batch), 0.12 (running), -0.09 (recalibrate): at
+these budgets no mode ranks like standalone training. Cost per scored arch: batch ≈ running,
+recalibrate ≈ 5x. ``running`` fails on a supernet that is still moving (rows 1-2; the alternating
+schedule scores exactly such a supernet) and ``batch`` scores under the statistics the shared weights
+were trained with, so ``batch`` is the default; on a long-trained two-stage supernet ``--bn running``
+did as well.
 """
 
 from __future__ import annotations

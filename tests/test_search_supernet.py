@@ -166,7 +166,7 @@ def test_evaluator_modes_score_without_touching_the_supernet(supernet, colour_da
     scores = {}
     for mode in ("batch", "running", "recalibrate"):
         ev = Evaluator(supernet, val, 8, bn=mode, seed=0, calib_data=calib, calib_batches=2,
-                       reward=lambda a, acc: (acc - 1.0, {"mode": mode}))
+                       reward=lambda a, acc, mode=mode: (acc - 1.0, {"mode": mode}))
         s = ev(arch)
         assert 0 <= s.accuracy <= 1 and s.reward == s.accuracy - 1.0 and s.extras == {"mode": mode}
         scores[mode] = ev.logits(arch, val.to_input(val.images[:4]))
