@@ -287,6 +287,7 @@ def main() -> int:
     if b.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmuls of the dense depthwise form
         torch.backends.cudnn.allow_tf32 = True
+    b.result["cudnn_benchmark"] = False  # search.batches.fast_path: autotuning measured not to pay
     b.section("search_24x32", lambda: b.search_timing("mnet-24-32", None, 200 if not args.smoke else 4), 60)
     b.section("search_120x160", lambda: b.search_timing("mnet-120-160", 4 if not args.smoke else 2,
                                                         30 if not args.smoke else 3), 60)

@@ -101,7 +101,7 @@ def _train_row(run: Path, searches: dict[str, dict]) -> ModelRow:
         return ModelRow(meta["model_name"], str(run), hw, "manual", params=params, macs=macs, accuracy=acc,
                         accuracy_split=split, confusion=cm)
     arch = Arch.from_json(meta["arch"])
-    row = ModelRow(f"MNet-{hw[0]}-{hw[1]}", str(run), hw, "random sample", params=arch.num_params(),
+    row = ModelRow(f"MNet-{hw[0]}-{hw[1]} ({arch.num_layers}L, C={arch.width})", str(run), hw, "random sample", params=arch.num_params(),
                    macs=arch.macs(), accuracy=acc, accuracy_split=split, confusion=cm, arch=arch)
     src = meta.get("arch_source")
     if src and (Path(src).parent / "search.json").is_file():

@@ -72,11 +72,18 @@ class DeviceData:
         return self.to_input(self.images[idx]), self.labels[idx]
 
 
-def fast_path(model: torch.nn.Module, data: list[DeviceData], device: torch.device, compile_modules=None) -> None:
-    """GPU settings that change speed, not results: cuDNN autotuning and channels_last tensors on CUDA;
-    `torch.compile` of `compile_modules` (in place, so state_dict names do not change) when given."""
+def fast_path(model: torch.nn.Module, data: list[DeviceData], device: torch.device, compile_modules=None,
+              autotune: bool = False) -> None:
+    """GPU settings that change speed, not results: channels_last tensors on CUDA, cuDNN autotuning
+    when `autotune`, and `torch.compile` of `compile_modules` (in place, so state_dict names do not
+    change) when given.
+
+    Autotuning is off by default: measured on an H100 (bench/gpu_bench.py, mnet-24-32 supernet, amp),
+    `cudnn.benchmark` spent 278 s of the first epoch trying algorithms for the large-kernel depthwise
+    shapes and then saved 1.2 s per epoch (6.2 s vs 7.4 s steady): it breaks even after ~230 epochs,
+    more than the paper's 100."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes per layer: autotune once, reuse
+        torch.backends.cudnn.benchmark = autotune
         model.to(memory_format=torch.channels_last)
         for d in data:
             d.channels_last = True
