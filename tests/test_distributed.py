@@ -104,7 +104,9 @@ def test_ddp_equals_single_process_ghost_bn(colour_data, ddp_run, tmp_path):
     ghost = _params(_fit(colour_data, tmp_path / "ghost", ghost=2))
     plain = _params(_fit(colour_data, tmp_path / "plain"))
     ddp = {k: ddp_state[k] for k in ghost}
-    assert _max_diff(ghost, ddp) < 1e-4
+    # float sums in another order (all-reduce vs one process) drift by ~1e-4 over 3 epochs of momentum SGD;
+    # an order of magnitude below that, the wrong BN semantics differ by > 1e-2 (next assert)
+    assert _max_diff(ghost, ddp) < 1e-3
     # not vacuous: full-batch BN statistics give clearly different weights after 3 epochs
     assert _max_diff(plain, ddp) > 1e-2
     # rank 0 alone wrote the metrics: one line per epoch, with global (both shards') metrics
