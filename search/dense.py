@@ -81,9 +81,10 @@ def select_depthwise(model: nn.Module, feature_hw: dict[nn.Module, tuple[int, in
     choice = _CHOICE_CACHE
     counts = {"conv": 0, "dense": 0}
     device = next(model.parameters()).device
-    # Both forms scale linearly in the batch, so a small timing batch ranks them alike at a fraction of
-    # the cost (the slow form of a 39×39 kernel at 24×32 takes seconds per call at batch 128 on a CPU).
-    batch = min(batch, 8)
+    # A capped timing batch keeps this cheap (the slow form of a 39×39 kernel at 24×32 takes seconds per
+    # call at batch 128 on a CPU). Not lower: the dense form pays a per-step gather of its matrix that a
+    # small batch over-weights (timing at 8 picked conv where dense is 2× faster at 32).
+    batch = min(batch, 32)
     for m in model.modules():
         if not isinstance(m, SepConv):
             continue
