@@ -33,6 +33,10 @@ def demo(
     metrics = out / "train" / "test_metrics.json"
     if metrics.exists():
         console.print(f"test accuracy: {json.loads(metrics.read_text())['accuracy']:.4f}  ({metrics})")
+    for what, path in (("report", out / "report" / "report.html"), ("annotated video", out / "annotated.mp4"),
+                       ("grade events", out / "events.jsonl")):
+        if path.exists():
+            console.print(f"{what}: {path}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
