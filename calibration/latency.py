@@ -23,7 +23,7 @@ import numpy as np
 from mnet.arch import Arch, SearchSpace, get_preset
 from mnet.errors import BackendError, ConfigError
 from mnet.io import write_json
-from mnet.latency_table import Entry, LatencyTable, arch_blocks, space_blocks, space_signature
+from mnet.latency_table import Entry, LatencyTable, arch_blocks, space_blocks
 
 from mnet.calibration.blocks import arch_model, block_inputs, block_model
 from mnet.calibration.predictor import LatencyPredictor, error_stats, fit_correction, load_table
@@ -273,7 +273,7 @@ def measure_table(preset: str, out: str | os.PathLike, *, backend: str = "onnxru
     out = Path(out)
     timer = make_timer(backend, device, precision, threads, batch, timing)
     table = LatencyTable(device=device_fingerprint(backend, device, timer, threads), backend=backend,
-                         precision=precision, batch=batch, space=space_signature(space))
+                         precision=precision, batch=batch, space=space.to_json())
     if out.exists():
         old = load_table(out)
         same = (old.backend, old.precision, old.batch, old.space, old.device) == \
@@ -311,7 +311,7 @@ def check_table(path: str | os.PathLike, archs: int = 50, seed: int = 1, plot: s
     """Measure `archs` random networks end to end and compare with the table's predictions."""
     predictor = LatencyPredictor.from_file(path)
     table = predictor.table
-    space = get_preset(table.space["preset"])
+    space = SearchSpace.from_json(table.space)
     device = table.device.get("device", "cpu")
     if threads is None and isinstance(table.device.get("threads"), int):
         threads = table.device["threads"]

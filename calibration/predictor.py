@@ -43,7 +43,7 @@ class LatencyPredictor:
                 "reductions": list(arch.reductions), "num_layers": arch.num_layers, "num_classes": arch.num_classes}
         diff = {k: (s.get(k), v) for k, v in mine.items() if s.get(k) != v}
         if diff:
-            raise ConfigError(f"{self.source} was measured for preset '{s.get('preset')}' but the architecture "
+            raise ConfigError(f"{self.source} was measured for preset '{s.get('name')}' but the architecture "
                               f"differs in {', '.join(diff)} (table, arch) = {diff}; measure a table for this preset "
                               "with `mnet calibrate latency --preset ...`")
 

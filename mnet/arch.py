@@ -240,6 +240,28 @@ class SearchSpace:
             and all((x.kernel, x.dilation) in self.ops for x in arch.layers)
         )
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_layers": self.num_layers,
+            "width": self.width,
+            "input_hw": list(self.input_hw),
+            "stem_stride": self.stem_stride,
+            "num_classes": self.num_classes,
+            "ops": [list(op) for op in self.ops],
+            "reductions": list(self.reductions),
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> "SearchSpace":
+        try:
+            return cls(name=str(d["name"]), num_layers=int(d["num_layers"]), width=int(d["width"]),
+                       input_hw=tuple(int(v) for v in d["input_hw"]), stem_stride=int(d["stem_stride"]),
+                       num_classes=int(d["num_classes"]), ops=tuple(tuple(int(v) for v in op) for op in d["ops"]),
+                       reductions=tuple(int(v) for v in d["reductions"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"search space: missing or bad field ({type(e).__name__}: {e})") from None
+
     def with_classes(self, num_classes: int) -> "SearchSpace":
         return SearchSpace(self.name, self.num_layers, self.width, self.input_hw, self.stem_stride,
                            num_classes, self.ops, self.reductions)

@@ -58,11 +58,11 @@ def demo_budget_ms(table: Path, quantile: float = 0.5, samples: int = 200) -> fl
 
     import numpy as np
 
-    from mnet.arch import get_preset
+    from mnet.arch import SearchSpace
     from mnet.calibration.predictor import LatencyPredictor
 
     predictor = LatencyPredictor.from_file(table)
-    space = get_preset(predictor.table.space["preset"])
+    space = SearchSpace.from_json(predictor.table.space)
     rng = random.Random(0)
     lat = [predictor.predict_ms(space.sample(rng)) for _ in range(samples)]
     return round(float(np.quantile(lat, quantile)), 4)

@@ -17,7 +17,7 @@ from typing import Any
 from mnet.arch import Arch, SearchSpace
 from mnet.errors import CheckpointError, ConfigError
 
-__all__ = ["SCHEMA_VERSION", "Entry", "Correction", "LatencyTable", "arch_blocks", "space_blocks", "space_signature"]
+__all__ = ["SCHEMA_VERSION", "Entry", "Correction", "LatencyTable", "arch_blocks", "space_blocks"]
 
 SCHEMA_VERSION = 1
 
@@ -76,19 +76,6 @@ def _first_layer(space: SearchSpace):
     return Layer(*space.ops[0])
 
 
-def space_signature(space: SearchSpace) -> dict[str, Any]:
-    """What a table must match to serve an architecture (everything but the per-layer choices)."""
-    return {
-        "preset": space.name,
-        "num_layers": space.num_layers,
-        "width": space.width,
-        "input_hw": list(space.input_hw),
-        "stem_stride": space.stem_stride,
-        "reductions": list(space.reductions),
-        "num_classes": space.num_classes,
-    }
-
-
 @dataclass(frozen=True)
 class Entry:
     p50_ms: float
@@ -124,7 +111,7 @@ class LatencyTable:
     backend: str
     precision: str
     batch: int
-    space: dict[str, Any]
+    space: dict[str, Any]  # SearchSpace.to_json() of the preset measured
     entries: dict[str, Entry] = field(default_factory=dict)
     correction: Correction = Correction()
     complete: bool = False

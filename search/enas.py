@@ -59,8 +59,6 @@ from mnet.search.supernet import (
     Supernet,
     dense_flags,
     set_dense_flags,
-    space_from_json,
-    space_to_json,
 )
 from mnet.search.train import autocast, load_splits, resolve_device
 
@@ -203,7 +201,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         "dataset": str(Path(data_root).resolve()) if data_root is not None else None,
         "classes": list(train_split.classes),
         "preprocess": preprocess.to_json(),
-        "space": space_to_json(space),
+        "space": space.to_json(),
         "val_indices": torch.from_numpy(val_idx),
     }, writes=dist.is_main)
     if resume:  # every rank reads the same checkpoints
@@ -641,7 +639,7 @@ def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
         raise CheckpointError(f"{run / 'supernet.pt'} not found; is {run} a `mnet search` output directory?")
     cfg = SearchConfig.from_json(raw["config"])
     dev = resolve_device(device)
-    space = space_from_json(raw["space"])
+    space = SearchSpace.from_json(raw["space"])
     preprocess = Preprocess.from_json(raw["preprocess"])
     if splits is None:
         if not raw.get("dataset") or not Path(raw["dataset"]).is_dir():

@@ -58,8 +58,6 @@ from mnet.search.train import autocast
 __all__ = [
     "BN_MODES",
     "Supernet",
-    "space_to_json",
-    "space_from_json",
     "batch_stats",
     "recalibrate_bn",
     "load_supernet",
@@ -90,32 +88,6 @@ def set_dense_flags(model: nn.Module, flags: list[bool]) -> None:
         raise CheckpointError(f"{len(flags)} saved depthwise choices for {len(cells)} ops: not this network")
     for m, dense in zip(cells, flags):
         m.dense = bool(dense)
-
-
-def space_to_json(space: SearchSpace) -> dict[str, Any]:
-    return {
-        "name": space.name,
-        "num_layers": space.num_layers,
-        "width": space.width,
-        "input_hw": list(space.input_hw),
-        "stem_stride": space.stem_stride,
-        "num_classes": space.num_classes,
-        "ops": [list(op) for op in space.ops],
-        "reductions": list(space.reductions),
-    }
-
-
-def space_from_json(d: dict[str, Any]) -> SearchSpace:
-    return SearchSpace(
-        name=d["name"],
-        num_layers=int(d["num_layers"]),
-        width=int(d["width"]),
-        input_hw=tuple(d["input_hw"]),
-        stem_stride=int(d["stem_stride"]),
-        num_classes=int(d["num_classes"]),
-        ops=tuple(tuple(op) for op in d["ops"]),
-        reductions=tuple(d["reductions"]),
-    )
 
 
 class Supernet(nn.Module):
@@ -226,7 +198,7 @@ def load_supernet(path: str | os.PathLike, map_location: str | torch.device = "c
             from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("kind") != "supernet":
         raise CheckpointError(f"{path}: not an mnet supernet checkpoint (written by `mnet search`)")
-    net = Supernet(space_from_json(raw["space"]))
+    net = Supernet(SearchSpace.from_json(raw["space"]))
     try:
         net.load_state_dict(raw["model"])
     except RuntimeError as e:

@@ -108,3 +108,12 @@ def test_preprocess_round_trip_and_validation():
         Preprocess((24, 32), std=(0.0, 1.0, 1.0))
     with pytest.raises(ConfigError, match="interpolation"):
         Preprocess((24, 32), interpolation="cubicish")
+
+
+def test_search_space_json_round_trip_and_errors():
+    for space in PRESETS.values():
+        assert type(space).from_json(json.loads(json.dumps(space.to_json()))) == space
+    d = PRESETS["tiny"].to_json()
+    del d["width"]
+    with pytest.raises(ConfigError, match="width"):
+        type(PRESETS["tiny"]).from_json(d)

@@ -8,7 +8,7 @@ from mnet.calibration.blocks import arch_model, block_model
 from mnet.calibration.latency import TimingConfig, check_table, measure_table
 from mnet.calibration.predictor import LatencyPredictor, fit_correction, kendall_tau, load_table
 from mnet.errors import CheckpointError, ConfigError
-from mnet.latency_table import Correction, Entry, LatencyTable, arch_blocks, space_blocks, space_signature
+from mnet.latency_table import Correction, Entry, LatencyTable, arch_blocks, space_blocks
 from mnet.search.reward import latency_reward
 
 FAST = TimingConfig(warmup=1, min_reps=3, min_seconds=0.0, max_reps=3)
@@ -42,7 +42,7 @@ def test_arch_blocks_counts_pools_and_adds():
 
 def _table(entries, correction=Correction()):
     return LatencyTable(device={"cpu": "x"}, backend="onnxruntime", precision="fp32", batch=1,
-                        space=space_signature(PRESETS["tiny"]), entries=entries, correction=correction, complete=True)
+                        space=PRESETS["tiny"].to_json(), entries=entries, correction=correction, complete=True)
 
 
 def test_predictor_sums_and_applies_fit():

@@ -10,7 +10,7 @@ from mnet.calibration.blocks import _parse
 from mnet.calibration.predictor import LatencyPredictor
 from mnet.cli import main
 from mnet.io import write_json
-from mnet.latency_table import Entry, LatencyTable, space_blocks, space_signature
+from mnet.latency_table import Entry, LatencyTable, space_blocks
 from mnet.search.controller import ControllerConfig
 from mnet.search.enas import SearchConfig, open_run, search
 from mnet.search.research import research
@@ -30,7 +30,7 @@ def _cost_ms(key: str) -> float:
 def table_path(tmp_path_factory):
     space = PRESETS["tiny"]
     table = LatencyTable(device={"cpu": "synthetic"}, backend="onnxruntime", precision="fp32", batch=1,
-                         space=space_signature(space),
+                         space=space.to_json(),
                          entries={k: Entry(_cost_ms(k), _cost_ms(k), 1) for k in space_blocks(space)}, complete=True)
     path = tmp_path_factory.mktemp("lat") / "latency.json"
     write_json(path, table.to_json())

@@ -16,7 +16,6 @@ from mnet.search.supernet import (
     load_supernet,
     recalibrate_bn,
     set_dense_flags,
-    space_to_json,
 )
 
 TINY = PRESETS["tiny"]
@@ -134,7 +133,7 @@ def test_recalibrate_is_the_exact_mean_over_batches():
 
 def test_load_supernet_round_trip(supernet, tmp_path):
     flags = [i % 3 == 0 for i in range(80)]
-    save_checkpoint(tmp_path / "supernet.pt", {"kind": "supernet", "space": space_to_json(TINY),
+    save_checkpoint(tmp_path / "supernet.pt", {"kind": "supernet", "space": TINY.to_json(),
                                                "model": supernet.state_dict(), "dense": flags})
     net, _ = load_supernet(tmp_path / "supernet.pt")
     assert net.space == TINY and dense_flags(net) == flags
