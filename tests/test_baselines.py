@@ -14,14 +14,24 @@ def small_data(tmp_path_factory):
     return write_colour_dataset(tmp_path_factory.mktemp("bl"), {"train": 6, "dev": 3, "test": 3})
 
 
-def test_vgg16_one_step():
-    # VGG16's 138 M parameters make a checkpoint round trip cost ~20 s here; the loop is shared anyway
+def test_vgg16_one_step_and_export(tmp_path):
+    # VGG16's 138 M parameters make `fit`'s two checkpoints (one with momentum) cost ~20 s here; the loop
+    # is shared with the other baselines, so one SGD step and one checkpoint + export suffice
+    from mnet.export.onnx import export_onnx
+    from mnet.preprocess import Preprocess
+    from mnet.search.checkpoint import save_checkpoint
+
     model = build_baseline("vgg16", 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = model.classifier[6].weight.detach().clone()
-    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 2])).backward()
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2])).backward()
     opt.step()
     assert not torch.equal(before, model.classifier[6].weight)
+    save_checkpoint(tmp_path / "best.pt", {"kind": "torchvision", "model_name": "vgg16", "classes": ["A", "B", "C"],
+                                           "preprocess": Preprocess((32, 32)).to_json(), "config": {},
+                                           "model": model.state_dict(), "epoch": 1})
+    bundle = export_onnx(tmp_path / "best.pt", tmp_path / "bundle", parity_images=4)
+    assert bundle.card.model_name == "vgg16" and bundle.card.metrics["parity"]["max_abs_logit_diff"] <= 1e-4
 
 
 @pytest.mark.parametrize("name", [b for b in BASELINES if b != "vgg16"])
@@ -41,6 +51,11 @@ def test_baseline_trains_one_step_and_reloads(name, small_data, tmp_path):
     changed = [k for k, v in ckpt.state_dict.items() if k in before and v.dtype.is_floating_point
                and not torch.equal(v, before[k])]
     assert changed
+    # and the trained baseline exports to a verified ONNX bundle like an MNet
+    from mnet.export.onnx import export_onnx
+
+    bundle = export_onnx(tmp_path / "best.pt", tmp_path / "bundle", data_root=small_data, parity_images=6)
+    assert bundle.card.model_name == name and bundle.onnx_path.is_file()
 
 
 def test_unknown_model_and_missing_pretrained(small_data, tmp_path, monkeypatch):
