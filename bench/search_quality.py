@@ -29,12 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import emit
-
-from mnet.arch import Arch
-from mnet.data import Split
-from mnet.preprocess import Preprocess
+from mnet.calibration.predictor import kendall_tau as _kendall_tau
 from mnet.search.batches import DeviceData
 from mnet.search.checkpoint import build_model, load_checkpoint
 from mnet.search.controller import ControllerConfig, Reinforce
@@ -43,25 +39,15 @@ from mnet.search.enas import SearchConfig, open_run, search, train_controller
 from mnet.search.supernet import BN_MODES, Evaluator
 from mnet.search.train import TrainConfig, evaluate, load_splits, train
 
+from mnet.arch import Arch
+from mnet.data import Split
+from mnet.preprocess import Preprocess
+
 
 def kendall_tau(x: list[float], y: list[float]) -> float | None:
-    """Kendall's τ-b (ties in either list handled), in [-1, 1]; None when a list is constant."""
-    conc = disc = tx = ty = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            a, b = x[i] - x[j], y[i] - y[j]
-            if a == 0 and b == 0:
-                continue
-            if a == 0:
-                tx += 1
-            elif b == 0:
-                ty += 1
-            elif (a > 0) == (b > 0):
-                conc += 1
-            else:
-                disc += 1
-    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
-    return (conc - disc) / denom if denom else None
+    """Kendall's τ-b of the project's predictor module; None (valid JSON) when a list is constant."""
+    tau = _kendall_tau(x, y)
+    return None if math.isnan(tau) else tau
 
 
 def whole_split_accuracy(ev: Evaluator, arch: Arch) -> float:

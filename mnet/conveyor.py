@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from mnet.errors import ConfigError, DataError
-from mnet.synth import CLASS_BALANCE, GRADES, belt_texture, draw_mango
+from mnet.synth import CLASS_BALANCE, GRADES, belt_texture, draw_mango, draw_rails
 
 __all__ = ["ConveyorFruit", "ConveyorPlan", "make_conveyor_video", "plan_conveyor", "truth_path_for"]
 
@@ -139,13 +139,7 @@ def _backdrop(rng: np.random.Generator, w: int, h: int, top: int, bot: int) -> n
     ramp = np.linspace(rng.uniform(45, 70), rng.uniform(70, 100), h, dtype=np.float32)[:, None, None]
     tint = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
     img = np.broadcast_to(ramp * tint, (h, w, 3)).astype(np.uint8).copy()
-    rail = max(3, round(0.035 * h))
-    shade = rng.uniform(140, 200)
-    profile = (shade * (0.7 + 0.3 * np.sin(np.linspace(0, math.pi, rail)))).astype(np.uint8)
-    for y0 in (max(0, top - rail), bot):
-        n = min(rail, h - y0)
-        if n > 0:
-            img[y0:y0 + n] = profile[:n, None, None]
+    draw_rails(img, top, bot, rng)
     return img
 
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Metrics", "compute_metrics", "confusion_matrix"]
+__all__ = ["Metrics", "compute_metrics", "confusion_matrix", "pareto_front"]
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -69,6 +69,15 @@ class Metrics:
             "classes": list(self.classes),
             "confusion": [list(r) for r in self.confusion],
         }
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(cost, accuracy) points no cheaper point beats, cheapest first."""
+    front: list[tuple[float, float]] = []
+    for cost, acc in sorted(points):
+        if not front or acc > front[-1][1]:
+            front.append((cost, acc))
+    return front
 
 
 def compute_metrics(labels: np.ndarray, probs_or_preds: np.ndarray, classes: Sequence[str]) -> Metrics:

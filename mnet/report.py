@@ -23,6 +23,7 @@ from typing import Any, Optional
 from mnet.arch import Arch
 from mnet.errors import DataError
 from mnet.io import atomic_path, read_json, write_text
+from mnet.metrics import pareto_front
 
 __all__ = ["ModelRow", "collect", "write_report"]
 
@@ -247,11 +248,7 @@ def _plots(inputs: Inputs, out: Path) -> list[tuple[str, Path]]:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=30)
             for x, y, n in pts:
                 ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            front, best = [], -1.0
-            for x, y, _ in pts:  # Pareto front: no faster model is more accurate
-                if y > best:
-                    front.append((x, y))
-                    best = y
+            front = pareto_front([(x, y) for x, y, _ in pts])
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C3", label="Pareto front")
             ax.set_xlabel(f"latency {key} (ms)")
             ax.set_ylabel("accuracy (%)")

@@ -50,6 +50,7 @@ __all__ = [
     "belt_texture",
     "draw_labels",
     "draw_mango",
+    "draw_rails",
     "render_mango",
     "synthesize",
 ]
@@ -548,14 +549,20 @@ def _belt_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     top = int(rng.uniform(0.02, 0.18) * h)
     bot = int(rng.uniform(0.82, 0.98) * h)
     img[top:bot] = belt_texture(rng, (bot - top, w))
+    draw_rails(img, top, bot, rng)
+    return img
+
+
+def draw_rails(img: np.ndarray, top: int, bot: int, rng: np.random.Generator) -> None:
+    """A rounded metal rail just above row `top` and from row `bot` down, in place (photos and video)."""
+    h = img.shape[0]
     rail = max(3, int(0.035 * h))
     shade = rng.uniform(130, 200)
-    ramp = (shade * (0.75 + 0.25 * np.sin(np.linspace(0, math.pi, rail)))).astype(np.uint8)
+    profile = (shade * (0.75 + 0.25 * np.sin(np.linspace(0, math.pi, rail)))).astype(np.uint8)
     for y0 in (max(0, top - rail), bot):
         n = min(rail, h - y0)
         if n > 0:
-            img[y0:y0 + n] = ramp[:n, None, None]
-    return img
+            img[y0:y0 + n] = profile[:n, None, None]
 
 
 def _draw_hand(canvas: np.ndarray, rng: np.random.Generator, centre: tuple[float, float], a: float, b: float,

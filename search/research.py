@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-
-from mnet.errors import ConfigError
-from mnet.io import atomic_path, write_json
 from mnet.search.controller import ControllerConfig, Reinforce
 from mnet.search.derive import Candidate, derive, write_derived
 from mnet.search.enas import _AGENT_SEED, _EVAL_SEED, OpenRun, open_run, train_controller
 from mnet.search.supernet import RewardFn
+
+from mnet.errors import ConfigError
+from mnet.io import atomic_path, write_json
+from mnet.metrics import pareto_front
 
 __all__ = ["research", "sweep", "annotate_arch"]
 
@@ -109,15 +110,6 @@ def sweep(run: str | os.PathLike, out: str | os.PathLike, budgets: Sequence[floa
     return result
 
 
-def _front(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    front, best = [], -1.0
-    for lat, acc in sorted(pts):
-        if acc > best:
-            front.append((lat, acc))
-            best = acc
-    return front
-
-
 def _plot(path: Path, points: list[dict]) -> None:
     from mnet.plots import pyplot
 
@@ -132,7 +124,7 @@ def _plot(path: Path, points: list[dict]) -> None:
         ax.scatter([b.get("latency_ms")], [100 * b["accuracy"]], s=60, marker="*", color=f"C{i}",
                    label=f"budget {p['budget_ms']:g} ms")
         ax.axvline(p["budget_ms"], color=f"C{i}", ls="--", lw=1)
-    front = _front(allpts)
+    front = pareto_front(allpts)
     if front:
         ax.step([x[0] for x in front], [100 * x[1] for x in front], where="post", color="k", lw=1, label="Pareto front")
     ax.set_xlabel("predicted latency (ms)")
