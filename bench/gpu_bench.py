@@ -4,14 +4,16 @@ Sections, in priority order, each timed with CUDA synchronisation and written ou
 (a run stopped by the time limit still leaves what it measured):
 
 1. mnet-24-32 (width 256, 12 layers), --amp: two supernet epochs (the first includes cuDNN
-   autotuning, the second is steady state; the depthwise timing of `search.dense` is reported apart)
+   autotuning, the second is steady state; the depthwise choice of `search.depthwise` is timed apart)
    and 200 controller steps; extrapolated to the paper protocol (100 supernet epochs + 5000 controller
    steps) in GPU-hours.
 2. mnet-120-160 from a shorter sample (a few supernet steps and controller steps), extrapolated alike.
 3. One standalone-child epoch (a uniformly sampled mnet-24-32 arch, --amp) on the same data.
 4. Inference of that child: batch 1 and 128, fp32 and bf16 autocast.
 5. Depthwise k×k (k = 15…39, dilation 2, C = 256, batch 128, forward + backward) through PyTorch/cuDNN
-   vs the dense form of `search.dense`, at every feature size of both geometries.
+   vs the dense form (`search.dense`, where its matrix fits) vs the FFT form (`search.fft`), at every
+   feature size of both geometries, in fp32 and under --amp autocast (bf16: conv and dense run in
+   bf16, the FFT in fp32); tells whether FFT beats cuDNN there.
 
 Data: the synthetic mango set, rendered small and tiled to 5600 train + 800 dev images (timing does
 not depend on image content). `--smoke` runs every section at tiny sizes on any device (CPU here) so
@@ -38,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from mnet.search.batches import DeviceData, fast_path
 from mnet.search.controller import ControllerConfig, Reinforce
-from mnet.search.dense import MAX_DENSE_ELEMENTS, dense_depthwise, select_depthwise
+from mnet.search.dense import MAX_DENSE_ELEMENTS, dense_depthwise
+from mnet.search.depthwise import select_depthwise
 from mnet.search.enas import SearchConfig, SupernetTrainer, split_train_val, train_controller
+from mnet.search.fft import fft_depthwise
 from mnet.search.model import MNet
 from mnet.search.supernet import Evaluator
 from mnet.search.train import autocast, load_splits
@@ -92,6 +96,7 @@ class _Bench:
         # --amp as the paper-protocol runs would use it on a GPU; bf16 large-kernel convs on a CPU are
         # orders of magnitude slower than fp32, so a CPU (smoke) run times fp32
         self.amp = self.device.type == "cuda"
+        self.layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.result: dict = {
             "bench": "gpu", "smoke": self.smoke, "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
@@ -155,7 +160,7 @@ class _Bench:
         trainer = SupernetTrainer(space, data, cfg, self.device)
         trainer.fast_path(val)
         t0 = time.time()
-        select_depthwise(trainer.supernet, batch=self.batch)
+        counts = select_depthwise(trainer.supernet, batch=self.batch, amp=self.amp)  # as `mnet search` does
         select_s = time.time() - t0
         rng = random.Random(0)
         epochs = []
@@ -176,15 +181,29 @@ class _Bench:
         train_controller(agent, evaluator, warm + controller_steps)
         _sync(self.device)
         ctrl_s = (time.perf_counter() - t0) / controller_steps
+        # where a controller step goes: the policy (CPU LSTM sample + REINFORCE update) vs scoring one path
+        n = max(5, controller_steps // 4)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            arch, log_p, entropy = agent.sample()
+            agent.update(log_p, entropy, 0.5)
+        policy_s = (time.perf_counter() - t0) / n
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            evaluator(arch)
+        _sync(self.device)
+        score_s = (time.perf_counter() - t0) / n
         total_s = PAPER["supernet_epochs"] * epoch_s + PAPER["controller_steps"] * ctrl_s
         return {
             "space": {"preset": preset, "layers": space.num_layers, "width": space.width,
                       "input_hw": list(space.input_hw)},
-            "batch": self.batch, "amp": self.amp, "depthwise_select_s": select_s,
+            "batch": self.batch, "amp": self.amp, "depthwise_select_s": select_s, "depthwise_impls": counts,
             "supernet_epoch_s": {"measured_steps": data.num_batches(self.batch), "first": epochs[0],
                                  "steady": epochs[1], "per_step": step_s, "full_epoch_estimate": epoch_s,
                                  "steps_per_epoch": steps_per_epoch},
             "controller_step_s": ctrl_s, "controller_steps_timed": controller_steps,
+            "controller_step_split_s": {"policy_sample_update": policy_s, "score_one_path": score_s},
             "paper_protocol_gpu_hours": total_s / 3600,
             "paper_protocol_split_hours": {"supernet": PAPER["supernet_epochs"] * epoch_s / 3600,
                                            "controller": PAPER["controller_steps"] * ctrl_s / 3600},
@@ -194,7 +213,7 @@ class _Bench:
         space = _space("mnet-24-32", self.smoke).with_classes(3)
         torch.manual_seed(0)
         model = MNet(space.sample(random.Random(1))).to(self.device)
-        select_depthwise(model, batch=self.batch)
+        select_depthwise(model, batch=self.batch, amp=self.amp)
         return model
 
     def child_epoch(self) -> dict:
@@ -247,6 +266,7 @@ class _Bench:
     def depthwise(self) -> dict:
         c, n = (8, 4) if self.smoke else (256, 128)
         kernels = (15, 39) if self.smoke else tuple(range(15, 40, 4))
+        reps = 3 if self.smoke else 5
         rows = []
         for preset in ("mnet-24-32", "mnet-120-160"):
             space = _space(preset, self.smoke)
@@ -255,24 +275,40 @@ class _Bench:
             for h, w in sizes:
                 for k in kernels:
                     kh, kw = cropped_kernel(k, 2, h, w)
-                    x = torch.randn(n, c, h, w, device=self.device, requires_grad=True)
-                    wt = torch.randn(c, 1, kh, kw, device=self.device, requires_grad=True)
+                    # the layout the runs compute in (search.batches.fast_path: channels_last on CUDA)
+                    x = torch.randn(n, c, h, w, device=self.device).to(memory_format=self.layout).requires_grad_()
+                    wt = torch.randn(c, 1, kh, kw, device=self.device).to(memory_format=self.layout).requires_grad_()
                     pad = (2 * (kh // 2), 2 * (kw // 2))
-
-                    def conv(x=x, wt=wt, pad=pad):
-                        F.conv2d(x, wt, None, 1, pad, 2, c).sum().backward()
-
-                    def dense(x=x, wt=wt):
-                        dense_depthwise(x, wt, 2).sum().backward()
-
-                    reps = 3 if self.smoke else 5
-                    row = {"preset": preset, "hw": [h, w], "kernel": k, "cropped": [kh, kw], "dilation": 2,
-                           "channels": c, "batch": n, "conv_ms": _time(conv, self.device, reps) * 1e3}
+                    forms = {"conv": lambda x, wt, pad=pad: F.conv2d(x, wt, None, 1, pad, 2, c),
+                             "fft": lambda x, wt: fft_depthwise(x, wt, 2)}
                     if c * (h * w) ** 2 <= MAX_DENSE_ELEMENTS:
-                        row["dense_ms"] = _time(dense, self.device, reps) * 1e3
-                        row["dense_speedup"] = row["conv_ms"] / row["dense_ms"]
+                        forms["dense"] = lambda x, wt: dense_depthwise(x, wt, 2)
+                    row = {"preset": preset, "hw": [h, w], "kernel": k, "cropped": [kh, kw], "dilation": 2,
+                           "channels": c, "batch": n}
+                    # amp only where the runs use it (bf16 large-kernel convs on a CPU are far too slow)
+                    for precision in ("fp32", "amp") if self.amp else ("fp32",):
+                        for name, form in forms.items():
+                            def run(form=form, amp=precision == "amp", x=x, wt=wt):
+                                with autocast(self.device, amp):
+                                    y = form(x, wt)
+                                y.float().sum().backward()
+
+                            try:
+                                row[f"{name}_{precision}_ms"] = _time(run, self.device, reps) * 1e3
+                            except RuntimeError as e:  # e.g. out of memory: keep the table's other cells
+                                row[f"{name}_{precision}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                                if self.device.type == "cuda":
+                                    torch.cuda.empty_cache()
+                        times = {name: row[f"{name}_{precision}_ms"] for name in forms
+                                 if f"{name}_{precision}_ms" in row}
+                        if times:
+                            row[f"best_{precision}"] = min(times, key=times.get)
+                        if "conv" in times and "fft" in times:
+                            row[f"conv_over_fft_{precision}"] = times["conv"] / times["fft"]
+                    x.grad = wt.grad = None
                     rows.append(row)
-        return {"pass": "forward+backward, fp32", "rows": rows}
+        return {"pass": "forward+backward; amp = autocast bf16 (fp16 without bf16), the FFT inside in fp32",
+                "memory_format": str(self.layout), "rows": rows}
 
 
 def main() -> int:
@@ -293,7 +329,7 @@ def main() -> int:
                                                         30 if not args.smoke else 3), 60)
     b.section("child_epoch_24x32", b.child_epoch, 20)
     b.section("inference_24x32", b.inference, 10)
-    b.section("depthwise", b.depthwise, 30)
+    b.section("depthwise", b.depthwise, 60)
     s = b.result["sections"]
     b.result["gpu_hours_paper_protocol"] = {
         "24x32": s.get("search_24x32", {}).get("paper_protocol_gpu_hours"),

@@ -28,7 +28,7 @@ SCRIPTS = [
 # result file → rows of (what, key, target text)
 ROWS = {
     "cpu_speedups": [("Supernet/child step, exact crop vs naive full kernels (CPU)", "crop_speedup", None),
-                     ("… crop + dense depthwise vs naive (CPU)", "crop_dense_speedup", "≥ 3×")],
+                     ("… crop + fast depthwise (conv/dense/FFT by timing) vs naive (CPU)", "crop_fast_speedup", "≥ 3×")],
     "supernet_overhead": [("Weight-sharing overhead: supernet step ÷ standalone child step", "overhead", "≤ 1.10")],
     "inference": [("ORT CPU fp32 vs torch eager, mnet-24-32 batch 1", "ort_over_torch_mnet_24_32_b1", "≥ 10×"),
                   ("ORT INT8 vs fp32, mnet-24-32 batch 1", "int8_over_fp32_mnet_24_32_b1", "≥ 1.5×"),

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 from _common import emit
-from mnet.search.dense import select_depthwise
+from mnet.search.depthwise import select_depthwise
 from mnet.search.enas import supernet_step
 from mnet.search.supernet import Supernet
 
@@ -74,7 +74,7 @@ def main() -> None:
         "geometry": f"mnet-24-32 layers/input, width {args.width}, batch {args.batch}, {args.archs} random archs",
         "threads": torch.get_num_threads(),
         "supernet_params": sum(p.numel() for p in supernet.parameters()),
-        "dense_ops": counts["dense"],
+        "depthwise_ops": counts,  # how many of the supernet's ops run conv / dense / fft
         "overhead": tot_s / tot_c,
         "target": 1.10,
         "per_arch": rows,

@@ -78,7 +78,7 @@ def export_onnx(checkpoint: CheckpointLike, out_bundle: str | os.PathLike, *, op
     `out_bundle` (CLI `--force`); a directory that is not a bundle is never replaced.
     """
     from mnet.search.checkpoint import Checkpoint, build_model, load_checkpoint
-    from mnet.search.dense import use_conv
+    from mnet.search.depthwise import use_conv
 
     fixed_batch = _check_options(opset, batch, parity_images, atol, exporter)
     target = Path(out_bundle)

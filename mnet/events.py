@@ -1,11 +1,11 @@
 """The grade event: one JSON object per graded fruit (events.jsonl, CSV rows, MQTT payloads).
 
     {"schema_version": 1, "fruit_id": 7, "grade": "A", "confidence": 0.91,
-     "probs": {"A": 0.91, "B": 0.07, "C": 0.02}, "frames": 23,
+     "probs": {"A": 0.91, "B": 0.07, "C": 0.02}, "frames": 23, "views": 3,
      "first_ts": 12.40, "last_ts": 13.13, "source": "belt.mp4", "model": "mnet-24-32@3f2a…"}
 
-`probs` is the per-fruit vote (class probabilities averaged over the frames the fruit was seen in)
-in the model's class order; `grade` is its argmax and `confidence` its probability. Timestamps are
+`probs` is the per-fruit vote (class probabilities averaged over the `views` crops the model
+classified, out of the `frames` the fruit was seen in) in the model's class order; `grade` is its argmax and `confidence` its probability. Timestamps are
 seconds: media time for files and image directories, Unix time for live sources. Plain stdlib, so
 anything that consumes events (a PLC bridge, a dashboard) can import it without numpy or OpenCV.
 """
@@ -24,8 +24,10 @@ __all__ = ["EVENT_FIELDS", "EVENT_SCHEMA_VERSION", "GradeEvent"]
 
 EVENT_SCHEMA_VERSION = 1
 # The JSON field order written by to_json (and the CSV column order, probs expanded per class).
-EVENT_FIELDS = ("schema_version", "fruit_id", "grade", "confidence", "probs", "frames",
+EVENT_FIELDS = ("schema_version", "fruit_id", "grade", "confidence", "probs", "frames", "views",
                 "first_ts", "last_ts", "source", "model")
+# Added after schema 1 was published: events written before it lack the field and still read (views=None).
+_OPTIONAL_FIELDS = {"schema_version", "views"}
 # Averaged softmax outputs sum to 1 up to float32 rounding; anything further off is not a distribution.
 _PROB_SUM_TOL = 1e-3
 _CONF_TOL = 1e-6
@@ -54,6 +56,7 @@ class GradeEvent:
     last_ts: float
     source: str
     model: str
+    views: int | None = None  # classified crops in the vote; None in events written before views existed
     schema_version: int = EVENT_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -83,6 +86,9 @@ class GradeEvent:
         object.__setattr__(self, "confidence", conf)
         if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
             raise _bad("frames", self.frames, "an integer >= 1")
+        if self.views is not None and (isinstance(self.views, bool) or not isinstance(self.views, int)
+                                       or not 1 <= self.views <= self.frames):
+            raise _bad("views", self.views, f"an integer in 1..frames ({self.frames})")
         first, last = _finite("first_ts", self.first_ts), _finite("last_ts", self.last_ts)
         if last < first:
             raise _bad("last_ts", self.last_ts, f"a time >= first_ts ({first})")
@@ -94,14 +100,14 @@ class GradeEvent:
 
     @classmethod
     def from_probs(cls, fruit_id: int, probs: Mapping[str, float], *, frames: int, first_ts: float,
-                   last_ts: float, source: str, model: str) -> GradeEvent:
+                   last_ts: float, source: str, model: str, views: int | None = None) -> GradeEvent:
         """Build an event from a class -> probability vote; grade and confidence are its argmax."""
         # 6 digits keep lines short; the rounding error (< 1e-5 summed) is far inside the sum check.
         probs = {str(k): round(float(v), 6) for k, v in probs.items()}
         grade = max(probs, key=probs.__getitem__)
         return cls(fruit_id=int(fruit_id), grade=grade, confidence=probs[grade], probs=probs,
-                   frames=int(frames), first_ts=float(first_ts), last_ts=float(last_ts),
-                   source=str(source), model=str(model))
+                   frames=int(frames), views=None if views is None else int(views), first_ts=float(first_ts),
+                   last_ts=float(last_ts), source=str(source), model=str(model))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,6 +117,7 @@ class GradeEvent:
             "confidence": self.confidence,
             "probs": dict(self.probs),
             "frames": self.frames,
+            "views": self.views,
             "first_ts": self.first_ts,
             "last_ts": self.last_ts,
             "source": self.source,
@@ -130,7 +137,7 @@ class GradeEvent:
                 raise ConfigError(f"grade event: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"grade event must be a JSON object, got {type(d).__name__}")
-        missing = [k for k in EVENT_FIELDS if k not in d and k != "schema_version"]
+        missing = [k for k in EVENT_FIELDS if k not in d and k not in _OPTIONAL_FIELDS]
         if missing:
             raise ConfigError(f"grade event is missing field(s) {missing}")
         unknown = sorted(set(d) - set(EVENT_FIELDS))

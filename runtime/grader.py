@@ -3,15 +3,27 @@
     grade(backend, preprocess, classes, "belt.mp4", GradeConfig(...), open_sinks(events="out.jsonl"))
 
 runs until the source ends or `stop` is set, then flushes the tracker (every fruit still in view is
-emitted), closes the sinks and returns a `GradeSummary`. One backend call per frame carries every
-fruit in it (one batch). The CLI stays thin: it builds the backend from the bundle, a GradeConfig
-from its options (`GradeConfig.from_options`), the sinks (`open_sinks`), sets the stop event from
-signals (`stop_on_signals`) and draws its live status line from the `on_frame` callback.
+emitted), closes the sinks and returns a `GradeSummary`. The CLI stays thin: it builds the backend
+from the bundle, a GradeConfig from its options (`GradeConfig.from_options`), the sinks
+(`open_sinks`), sets the stop event from signals (`stop_on_signals`) and draws its live status line
+from the `on_frame` callback.
 
-Per-stage times are per processed frame (a frame without fruit costs ~0 in preprocess and infer):
-capture (read: decode for files, the wait for the next frame for live sources), localise,
-preprocess, infer, track, sink, and `frame` = everything after capture (the frame's processing
-latency). The latency budget applies to localise..track (what the model and its crops cost).
+Two things keep a 20 ms model off a 120 fps frame path:
+- The tracker associates boxes without probabilities and plans a few views per fruit (tracker.py:
+  `max_views`, `view_stride`); only those are cropped and classified, one batch per frame.
+- The backend runs in one worker thread fed by a bounded queue (onnxruntime, TensorRT and torch
+  release the GIL), so localising the next frames overlaps inference. Every backend call, warm-up
+  included, happens on that thread. A file waits when the queue is full (nothing is lost); a live
+  source skips an optional view instead (the fruit gets it on a later frame), so the loop keeps up
+  with the camera. A fruit's event is written once all its views are back, in exit order; flush()
+  waits for the views still in flight. A backend that fails surfaces as BackendError in the loop.
+
+Per-stage times: capture (read: decode for files, the wait for the next frame for live sources),
+localise, preprocess (crops of the planned views), track, sink, `wait` (a file's frame waiting for a
+place in the full queue: backpressure, 0 while the worker keeps up) and `frame` = everything after
+capture except that wait (the frame's own processing latency); all per processed frame. `infer` is
+per backend call, timed in the worker. The latency budget applies to a
+frame's localise + preprocess + track and to each inference.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import queue
 import signal
 import threading
 import time
@@ -50,10 +63,11 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-STAGES = ("capture", "localise", "preprocess", "infer", "track", "sink", "frame")
-_BUDGET_STAGES = ("localise", "preprocess", "infer", "track")
+STAGES = ("capture", "localise", "preprocess", "infer", "track", "sink", "wait", "frame")
+_BUDGET_STAGES = ("localise", "preprocess", "track")
 _WARN_EVERY_S = 5.0
 _MAX_SAMPLES = 100_000  # per stage: ~1 h at 30 fps; older samples age out of the percentiles
+_POLL_S = 0.05  # how often a wait on the worker checks that it is still alive
 
 
 class Backend(Protocol):
@@ -92,6 +106,7 @@ class GradeConfig:
     read_timeout_s: float = 1.0
     warmup: bool = True  # one inference before the loop so the first frame is not an outlier
     max_frames: int | None = None  # stop after this many processed frames (smoke tests, benches)
+    queue_depth: int = 8  # backend calls (frames with views) waiting for the worker before the loop waits
 
     def __post_init__(self) -> None:
         if self.margin < 0:
@@ -102,18 +117,26 @@ class GradeConfig:
             raise ConfigError(f"grade field 'max_batch' = {self.max_batch!r}: expected >= 1")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"grade field 'max_frames' = {self.max_frames!r}: expected >= 1")
+        if self.queue_depth < 1:
+            raise ConfigError(f"grade field 'queue_depth' = {self.queue_depth!r}: expected >= 1")
 
     @classmethod
     def from_options(cls, *, roi: str | Sequence[int] | None = None, trigger_x: float | None = None,
                      full_frame: bool = False, input_size: str | Sequence[int] | None = None,
                      fps_limit: float | None = None, latency_budget_ms: float | None = None,
-                     **kw: Any) -> GradeConfig:
-        """The CLI's options as given (strings allowed for roi 'x,y,w,h' and input size 'WxH')."""
+                     views: int | None = None, **kw: Any) -> GradeConfig:
+        """The CLI's options as given (strings allowed for roi 'x,y,w,h' and input size 'WxH').
+
+        views: classified views per fruit (None: the tracker's default; 0: every frame).
+        """
         roi_t = parse_roi(roi) if isinstance(roi, str) or roi is None else tuple(int(v) for v in roi)
         base = cls(**kw)
+        tracker = replace(base.tracker, trigger_x=trigger_x)
+        if views is not None:
+            tracker = replace(tracker, max_views=int(views))
         return replace(base,
                        localize=replace(base.localize, roi=roi_t, full_frame=bool(full_frame)),
-                       tracker=replace(base.tracker, trigger_x=trigger_x),
+                       tracker=tracker,
                        input_size=parse_size(input_size), fps_limit=fps_limit,
                        latency_budget_ms=latency_budget_ms)
 
@@ -163,6 +186,8 @@ class GradeSummary:
     over_budget: int = 0
     stopped: bool = False  # True when the stop flag ended the run (not the end of the source)
     tracks_discarded: int = 0  # tentative tracks that never became fruit (noise)
+    views: int = 0  # crops classified (backend rows), warm-up excluded
+    views_skipped: int = 0  # optional views a live source skipped because the worker was busy
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,92 +224,285 @@ class _Rate:
         return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+@dataclass
+class _Job:
+    """One backend call: the crops of one frame's views and whom each row is for."""
+
+    x: np.ndarray
+    targets: list[tuple]  # ("track", uid, partial) or ("single", box, ts)
+    probs: np.ndarray | None = None
+    ms: float = 0.0
+    error: BaseException | None = None
+    done: bool = False
+
+
+class _Worker:
+    """The backend on its own thread, fed by a bounded queue; results come back in submit order."""
+
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], depth: int) -> None:
+        self._infer = infer
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=depth)
+        self._results: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self.in_flight = 0  # submitted, not yet collected
+        self._thread = threading.Thread(target=self._run, name="mnet-infer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                job.probs = self._infer(job.x)
+            except BaseException as e:  # noqa: BLE001 -- handed to the loop's thread, raised there
+                job.error = e
+            job.ms = (time.perf_counter() - t0) * 1e3
+            self._results.put(job)
+            if job.error is not None:
+                return
+
+    def submit(self, job: _Job, block: bool) -> bool:
+        """Queue a job; False when the queue is full and `block` is off. Waits while the worker lives."""
+        while True:
+            try:
+                if block:
+                    self._jobs.put(job, timeout=_POLL_S)
+                else:
+                    self._jobs.put_nowait(job)
+                self.in_flight += 1
+                return True
+            except queue.Full:
+                if not block:
+                    return False
+                if not self._thread.is_alive():
+                    return False  # it failed: the caller's next collect() raises its error
+
+    def collect(self, wait: bool = False) -> list[_Job]:
+        """Finished jobs in submit order; `wait`: block until at least one is back (if any is in flight)."""
+        out = []
+        while self.in_flight:
+            try:
+                job = self._results.get(timeout=_POLL_S) if wait and not out else self._results.get_nowait()
+            except queue.Empty:
+                if not (wait and not out):
+                    break
+                if not self._thread.is_alive() and self._results.empty():
+                    raise BackendError("the inference worker stopped with backend calls in flight")
+                continue
+            self.in_flight -= 1
+            out.append(job)
+            if job.error is not None:
+                break
+        return out
+
+    def close(self) -> None:
+        """Stop the thread: pending jobs are dropped (after flush() there are none)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(None)
+        # A call already running cannot be interrupted; the thread is a daemon, so it never blocks exit.
+        self._thread.join(timeout=5.0)
+
+
 class Grader:
-    """The per-frame pipeline, without a source: process(frame, ts) → events. grade() drives it."""
+    """The per-frame pipeline, without a source: process(frame, ts) → events. grade() drives it.
+
+    Owns an inference worker thread: call close() (or use it as a context manager) when done.
+    `block_views=False` (live sources) skips an optional view when the worker is busy.
+    """
 
     def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str],
                  config: GradeConfig = GradeConfig(), *, model: str = "", source: str = "",
-                 localizer: Localizer | None = None) -> None:
+                 localizer: Localizer | None = None, block_views: bool = True) -> None:
         if not classes or len(set(classes)) != len(classes):
             raise ConfigError(f"classes = {list(classes)!r}: expected distinct class names")
         self.backend, self.preprocess, self.config = backend, preprocess, config
         self.classes = tuple(str(c) for c in classes)
         self.model, self.source = model, source
+        self.block_views = block_views
         # Injectable so another detector (or a test's recording wrapper) can stand in for the HSV one.
         self.localizer = localizer if localizer is not None else Localizer(config.localize)
         self._aspect = preprocess.input_hw[1] / preprocess.input_hw[0]  # crops match the model input
-        self.tracker = Tracker(len(self.classes), config.tracker)
+        # A view must fit its crop margin in the frame: one margin, the one the crops are cut with.
+        self.tracker = Tracker(len(self.classes), replace(config.tracker, view_margin=config.margin))
         self.samples = {s: _Samples() for s in STAGES}
         self.processed = 0
         self.graded = 0
+        self.views = 0
+        self.views_skipped = 0
         self.grades: dict[str, int] = {c: 0 for c in self.classes}
         self.last_event: GradeEvent | None = None
         self.over_budget = 0
         self._over_since_warn = 0
         self._last_warn = -1e9
+        self._wait_ms = 0.0  # this frame's wait for a place in the queue
+        self._pending: dict[int, int] = {}  # uid → views in flight
+        self._due: collections.deque[list] = collections.deque()  # [uid] or [None, job] in exit order
+        self._worker = _Worker(self._infer, config.queue_depth)
+
+    def __enter__(self) -> Grader:  # noqa: PYI034 -- typing.Self needs 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._worker.close()
 
     def warmup(self) -> None:
-        """One inference on a blank crop: pays lazy initialisation and checks the output contract."""
+        """One inference on a blank crop (on the worker, like every call): pays lazy initialisation and
+        checks the output contract."""
         h, w = self.preprocess.input_hw
-        self._infer(self.preprocess.batch([np.zeros((h, w, 3), np.uint8)]), check_probs=True)
+        job = _Job(self.preprocess.batch([np.zeros((h, w, 3), np.uint8)]), [])
+        self._worker.submit(job, block=True)
+        for j in self._worker.collect(wait=True):
+            self._check(j)
+        probs = job.probs
+        if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+            raise BackendError(f"backend {self.backend.name!r} returns rows summing to {probs.sum(axis=1)}, "
+                               "not probabilities; the backend must apply softmax")
 
-    def _infer(self, x: np.ndarray, check_probs: bool = False) -> np.ndarray:
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        """Runs on the worker thread."""
         n, step = len(x), self.config.max_batch or len(x)
         parts = [np.asarray(self.backend.infer(x[i:i + step])) for i in range(0, n, step)]
         probs = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if probs.shape != (n, len(self.classes)):
             raise BackendError(f"backend {self.backend.name!r} returned shape {probs.shape} for a batch of {n}; "
                                f"expected ({n}, {len(self.classes)}) for classes {list(self.classes)}")
-        if check_probs and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-            raise BackendError(f"backend {self.backend.name!r} returns rows summing to {probs.sum(axis=1)}, "
-                               "not probabilities; the backend must apply softmax")
         return probs
+
+    def _check(self, job: _Job) -> None:
+        if job.error is not None:
+            e = job.error
+            if isinstance(e, BackendError):
+                raise e
+            raise BackendError(f"backend {self.backend.name!r} failed on a batch of {len(job.x)}: "
+                               f"{type(e).__name__}: {e}") from e
+        job.done = True
 
     def _event(self, v: FruitVote) -> GradeEvent:
         e = GradeEvent.from_probs(v.fruit_id, dict(zip(self.classes, v.probs.tolist())), frames=v.frames,
-                                  first_ts=v.first_ts, last_ts=v.last_ts, source=self.source, model=self.model)
+                                  views=v.voted_frames, first_ts=v.first_ts, last_ts=v.last_ts, source=self.source, model=self.model)
         self.graded += 1
         self.grades[e.grade] += 1
         self.last_event = e
         return e
 
+    def _crop(self, frame: np.ndarray, box: Box) -> np.ndarray:
+        if self.config.localize.full_frame:
+            return crop(frame, box, 0.0)
+        return crop(frame, box, self.config.margin, self._aspect)
+
+    def _submit(self, crops: list[np.ndarray], targets: list[tuple], required: bool) -> bool:
+        job = _Job(self.preprocess.batch(crops), targets)
+        t0 = time.perf_counter()
+        ok = self._worker.submit(job, block=required or self.block_views)
+        self._wait_ms += (time.perf_counter() - t0) * 1e3
+        if not ok:
+            return False
+        self.views += len(targets)
+        for t in targets:
+            if t[0] == "track":
+                self._pending[t[1]] = self._pending.get(t[1], 0) + 1
+        if targets[0][0] == "single":
+            self._due.append([None, job])
+        return True
+
+    def _collect(self, wait: bool = False) -> None:
+        for job in self._worker.collect(wait):
+            self._check(job)
+            self.samples["infer"].add(job.ms)
+            self._check_budget({"infer": job.ms}, ("infer",))
+            for row, t in zip(job.probs, job.targets):
+                if t[0] == "track":
+                    self.tracker.add_probs(t[1], row, t[2])
+                    self._pending[t[1]] -= 1
+
+    def _ready(self) -> list[GradeEvent]:
+        """Events of done fruit whose views are all back, from the head of the exit-order queue."""
+        out = []
+        while self._due:
+            uid, job = self._due[0]
+            if uid is None:
+                if not job.done:
+                    break
+                _, box, ts = job.targets[0]
+                out.append(self._event(self.tracker.emit_single(box, job.probs[0], ts)))
+            else:
+                if self._pending.get(uid, 0):
+                    break
+                self._pending.pop(uid, None)
+                out.append(self._event(self.tracker.vote(uid)))
+            self._due.popleft()
+        return out
+
+    def _done(self, done: list[tuple[int, Any]]) -> None:
+        for uid, kept in done:
+            if kept is not None:  # no view yet: classify the best one it showed
+                frame, box = kept
+                self._submit([self._crop(frame, box)], [("track", uid, box.touches_edge)], required=True)
+                self.tracker.record_view(uid)
+            self._due.append([uid, None])
+
     def process(self, frame: np.ndarray, ts: float) -> tuple[list[GradeEvent], list[Box], dict[str, float]]:
-        """Grade one frame: the events it completes, the boxes found, and per-stage milliseconds."""
+        """Grade one frame: the events ready now, the boxes found, and per-stage milliseconds."""
         clock = time.perf_counter
+        self._wait_ms = 0.0
         t0 = clock()
         boxes = self.localizer(frame)
         t1 = clock()
         if self.config.localize.full_frame:
-            crops = [crop(frame, b, 0.0) for b in boxes]
-        else:
-            crops = [crop(frame, b, self.config.margin, self._aspect) for b in boxes]
-        x = self.preprocess.batch(crops)
-        t2 = clock()
-        probs = self._infer(x) if len(boxes) else np.zeros((0, len(self.classes)), np.float32)
-        t3 = clock()
-        if self.config.localize.full_frame:
-            votes = [self.tracker.emit_single(boxes[0], probs[0], ts)]
+            if boxes:
+                self._submit([self._crop(frame, boxes[0])], [("single", boxes[0], ts)], required=True)
+            t2 = t3 = clock()
         else:
             rx, _, rw, _ = self.localizer.region(frame)
-            votes = self.tracker.update(boxes, probs, ts, (rx, rx + rw))
-        events = [self._event(v) for v in votes]
+            step = self.tracker.step(boxes, ts, (rx, rx + rw))
+            t2 = clock()
+            for uid, di in step.keep:
+                self.tracker.keep(uid, (frame, boxes[di]))  # a reference: the crop is cut only if needed
+            if step.classify:
+                required = any(r for _, _, r in step.classify)
+                crops = [self._crop(frame, boxes[di]) for _, di, _ in step.classify]
+                targets = [("track", uid, boxes[di].touches_edge) for uid, di, _ in step.classify]
+                if self._submit(crops, targets, required):
+                    for uid, _, _ in step.classify:
+                        self.tracker.record_view(uid)
+                else:
+                    self.views_skipped += len(targets)
+            self._done(step.done)
+            t3 = clock()
+        self._collect()
+        events = self._ready()
         t4 = clock()
-        ms = {"localise": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "infer": (t3 - t2) * 1e3,
-              "track": (t4 - t3) * 1e3}
+        ms = {"localise": (t1 - t0) * 1e3, "preprocess": (t3 - t2) * 1e3 - self._wait_ms,
+              "track": (t2 - t1 + t4 - t3) * 1e3, "wait": self._wait_ms}
         for k, v in ms.items():
             self.samples[k].add(v)
         self.processed += 1
-        self._check_budget(ms)
+        self._check_budget(ms, _BUDGET_STAGES)
         return events, boxes, ms
 
     def flush(self) -> list[GradeEvent]:
-        return [self._event(v) for v in self.tracker.flush()]
+        """End of stream: every fruit still in view is done; waits for the views in flight."""
+        if not self.config.localize.full_frame:
+            self._done(self.tracker.finish())
+        events = []
+        while self._due:
+            events += self._ready()
+            if self._due:
+                self._collect(wait=True)
+        return events
 
-    def _check_budget(self, ms: dict[str, float]) -> None:
+    def _check_budget(self, ms: dict[str, float], stages: Sequence[str]) -> None:
         budget = self.config.latency_budget_ms
         if budget is None:
             return
-        total = sum(ms.get(s, 0.0) for s in _BUDGET_STAGES)
+        total = sum(ms.get(s, 0.0) for s in stages)
         if total <= budget:
             return
         self.over_budget += 1
@@ -292,8 +510,9 @@ class Grader:
         now = time.monotonic()
         if now - self._last_warn >= _WARN_EVERY_S:
             worst = max(ms, key=ms.get)
-            _log.warning("frame took %.1f ms, over the %.1f ms budget (%d frame(s) over since the last warning; "
-                         "slowest stage: %s %.1f ms)", total, budget, self._over_since_warn, worst, ms[worst])
+            _log.warning("%s took %.1f ms, over the %.1f ms budget (%d over since the last warning; "
+                         "slowest stage: %s %.1f ms)", "an inference" if stages == ("infer",) else "a frame",
+                         total, budget, self._over_since_warn, worst, ms[worst])
             self._last_warn, self._over_since_warn = now, 0
 
 
@@ -346,10 +565,11 @@ def grade(
     try:
         src = open_source(source, input_size=config.input_size, fps_limit=config.fps_limit,
                           timeout_s=config.read_timeout_s, capture_factory=capture_factory) if own_source else source
-        grader = Grader(backend, preprocess, classes, config, model=model, source=src.uri, localizer=localizer)
-        if config.warmup:
-            grader.warmup()
-        summary = _run(grader, src, sinks, stop, on_frame)
+        with Grader(backend, preprocess, classes, config, model=model, source=src.uri, localizer=localizer,
+                    block_views=not src.live) as grader:
+            if config.warmup:
+                grader.warmup()
+            summary = _run(grader, src, sinks, stop, on_frame)
     finally:
         try:
             if own_source and src is not None:
@@ -400,7 +620,7 @@ def _run(grader: Grader, src: Source, sinks: Sinks, stop: threading.Event,
                 trigger_x=cfg.tracker.trigger_x, source_fps=src.fps, last_event=grader.last_event)
             sinks.frame(cap.frame, info)
         grader.samples["sink"].add((clock() - t1) * 1e3)
-        grader.samples["frame"].add((clock() - t0) * 1e3 - capture_ms)
+        grader.samples["frame"].add((clock() - t0) * 1e3 - capture_ms - ms["wait"])
         if on_frame is not None:
             on_frame(cap.frame, info)
         if cfg.max_frames is not None and grader.processed >= cfg.max_frames:
@@ -415,4 +635,5 @@ def _run(grader: Grader, src: Source, sinks: Sinks, stop: threading.Event,
         reconnects=st.reconnects, fruit_graded=grader.graded, grades=dict(grader.grades), wall_s=round(wall, 4),
         input_fps=round(st.read / wall, 2), processed_fps=round(grader.processed / wall, 2),
         stages={s: grader.samples[s].summary() for s in STAGES}, latency_budget_ms=cfg.latency_budget_ms,
-        over_budget=grader.over_budget, stopped=stopped, tracks_discarded=grader.tracker.discarded)
+        over_budget=grader.over_budget, stopped=stopped, tracks_discarded=grader.tracker.discarded,
+        views=grader.views, views_skipped=grader.views_skipped)

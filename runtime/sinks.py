@@ -171,7 +171,7 @@ class CsvSink(Sink):
     @staticmethod
     def header(classes: Sequence[str]) -> list[str]:
         return (["fruit_id", "grade", "confidence"] + [f"p_{c}" for c in classes]
-                + ["frames", "first_ts", "last_ts", "source", "model"])
+                + ["frames", "views", "first_ts", "last_ts", "source", "model"])
 
     def _start(self, classes: list[str]) -> None:
         self._classes = classes
@@ -190,7 +190,7 @@ class CsvSink(Sink):
                               f"columns' {self._classes}")
         self._writer.writerow([event.fruit_id, event.grade, f"{event.confidence:.6f}"]
                               + [f"{event.probs[c]:.6f}" for c in self._classes]
-                              + [event.frames, f"{event.first_ts:.6f}", f"{event.last_ts:.6f}",
+                              + [event.frames, "" if event.views is None else event.views, f"{event.first_ts:.6f}", f"{event.last_ts:.6f}",
                                  event.source, event.model])
         self._f.flush()
 

@@ -13,9 +13,25 @@ Life of a track:
 A confirmed track is emitted exactly once: at the trigger line if there is one, else when it
 finishes, else at flush(). Tentative tracks that finish are noise and are discarded.
 
-The vote averages the probabilities of the frames where the fruit was fully visible; frames where
-it was cut by the frame edge are used only when there is no full view (a fruit already on the belt
-when the stream starts, or a trigger line close to the entry edge).
+Association needs no probabilities, so the model does not have to see every fruit in every frame.
+`step()` matches the boxes and then plans the *views*: which boxes to classify now. A fruit gets at
+most `max_views` views, `view_stride` frames apart (so they differ), each a full view whose crop
+(box plus `view_margin` on each side along the belt) lies inside the searched region — a crop cut by
+the frame edge is not what the model was trained on. The plan depends only on the frames, never on
+timing, so a file grades the same on any machine. Until a fruit has a view, the tracker remembers
+its best view so far (an opaque payload the caller keeps: the grader keeps the frame and box); a
+fruit that finishes without a view (it never showed whole, or the stream ended) is classified from
+that. With a trigger line a fruit crossing without a view is classified on the crossing frame.
+`max_views=0` classifies every box of every frame (the vote of all views, as before budgets).
+
+The caller classifies the planned views (synchronously, or later in a worker), reports each with
+`record_view()` when taken and `add_probs()` when its probabilities arrive, and asks `vote()` for a
+finished fruit once all its views are in. `update()` does all of that in one call for callers that
+have probabilities for every box (tests, simple loops).
+
+The vote averages the probabilities of the views where the fruit was fully visible; views where it
+was cut by the frame edge are used only when there is no full view (a fruit already on the belt when
+the stream starts, or a trigger line close to the entry edge).
 """
 
 from __future__ import annotations
@@ -23,13 +39,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from mnet.runtime.localize import Box
 
 from mnet.errors import ConfigError
 
-__all__ = ["FruitVote", "TrackView", "Tracker", "TrackerConfig"]
+__all__ = ["FruitVote", "TrackStep", "TrackView", "Tracker", "TrackerConfig"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,11 @@ class TrackerConfig:
     direction: int = 1  # +1: belt runs left → right; -1: right → left
     velocity_smoothing: float = 0.5  # EMA weight of the newest velocity observation
     edge_px: int = 2
+    # 3 views: enough that one odd view (a highlight, a neighbour in the crop) cannot decide the grade,
+    # few enough that a 20 ms model keeps up with a 120 fps belt (~2 fruit in view, ~50 frames each).
+    max_views: int = 3  # classified views per fruit; 0 = every box of every frame (no budget)
+    view_stride: int = 6  # frames between two views of one fruit (60 px apart at 10 px/frame)
+    view_margin: float = 0.3  # the crop margin (GradeConfig.margin): a view's crop must fit in the region
 
     def __post_init__(self) -> None:
         if self.min_hits < 1:
@@ -54,6 +76,12 @@ class TrackerConfig:
             raise ConfigError(f"tracker field 'direction' = {self.direction!r}: expected 1 (+x) or -1 (-x)")
         if not 0 < self.velocity_smoothing <= 1:
             raise ConfigError(f"tracker field 'velocity_smoothing' = {self.velocity_smoothing!r}: expected (0, 1]")
+        if self.max_views < 0:
+            raise ConfigError(f"tracker field 'max_views' = {self.max_views!r}: expected >= 0 (0 = every frame)")
+        if self.view_stride < 1:
+            raise ConfigError(f"tracker field 'view_stride' = {self.view_stride!r}: expected >= 1 frame")
+        if self.view_margin < 0:
+            raise ConfigError(f"tracker field 'view_margin' = {self.view_margin!r}: expected >= 0")
 
 
 @dataclass(frozen=True)
@@ -63,11 +91,21 @@ class FruitVote:
     fruit_id: int
     probs: np.ndarray  # (num_classes,) float
     frames: int  # frames the fruit was seen in
-    voted_frames: int  # frames whose probabilities made the vote
+    voted_frames: int  # views whose probabilities made the vote
     first_ts: float
     last_ts: float
     reason: str  # trigger | exit | lost | flush | frame
     box: Box  # last box seen
+
+
+@dataclass(frozen=True)
+class TrackStep:
+    """What one frame asks of the caller. uids name tracks (fruit_id is only given on confirmation)."""
+
+    classify: list[tuple[int, int, bool]]  # (uid, box index, required): classify this box now
+    keep: list[tuple[int, int]]  # (uid, box index): the best view yet of a fruit without one; keep it
+    done: list[tuple[int, Any]]  # (uid, payload kept or None), exit order: vote once views are in;
+    # a payload means the fruit has no view yet: classify it and record_view() it first
 
 
 @dataclass(frozen=True)
@@ -81,12 +119,13 @@ class TrackView:
     lost: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: tracks are looked up by object, and hold numpy arrays
 class _Track:
     box: Box
     first_ts: float
     last_ts: float
     num_classes: int
+    uid: int = 0
     vx: float | None = None  # px/s along x; None until two full views were seen
     vy: float = 0.0
     hits: int = 1
@@ -97,6 +136,12 @@ class _Track:
     full_n: int = 0
     edge_sum: np.ndarray = field(default=None)
     edge_n: int = 0
+    reason: str = ""
+    views: int = 0  # views taken (classified or on their way)
+    last_view: int = -(10 ** 9)  # frame number of the last view
+    fallback: Any = None  # the caller's payload for the best view so far, while views == 0
+    fallback_rank: tuple = ()
+    seen_at: int = -1  # index of this frame's box, -1 when unseen this frame
 
     def __post_init__(self) -> None:
         self.full_sum = np.zeros(self.num_classes, np.float64)
@@ -117,7 +162,7 @@ class _Track:
 
 
 class Tracker:
-    """Feed `update()` once per processed frame; it returns the fruit to emit now, in exit order."""
+    """Feed `step()` (or `update()`) once per processed frame; fruit come out in exit order."""
 
     def __init__(self, num_classes: int, config: TrackerConfig = TrackerConfig()) -> None:
         if num_classes < 1:
@@ -125,7 +170,10 @@ class Tracker:
         self.num_classes = num_classes
         self.config = config
         self._tracks: list[_Track] = []
+        self._by_uid: dict[int, _Track] = {}  # live tracks and finished ones whose vote was not taken yet
         self._next_id = 1
+        self._next_uid = 1
+        self._frame = -1  # frames stepped: views are spaced in frames, never in seconds (reproducible)
         self._belt_vx: float | None = None  # px/s, shared prior for new tracks
         # Finished tracks linger for max_lost frames: a fruit that flickers back into view at the exit
         # edge (its mask area hovering around min_area) must not start a second fruit.
@@ -137,7 +185,7 @@ class Tracker:
     # ------------------------------------------------------------------------------------ public
     @property
     def tracks(self) -> list[TrackView]:
-        return [TrackView(t.fruit_id, t.box, t.vote()[0] if t.hits else None, t.emitted, t.lost)
+        return [TrackView(t.fruit_id, t.box, t.vote()[0] if t.full_n or t.edge_n else None, t.emitted, t.lost)
                 for t in self._tracks]
 
     @property
@@ -145,17 +193,16 @@ class Tracker:
         """Estimated belt speed along x in pixels per second (None until measured)."""
         return self._belt_vx
 
-    def update(self, boxes: Sequence[Box], probs: np.ndarray, ts: float,
-               bounds: tuple[float, float]) -> list[FruitVote]:
-        """Match this frame's boxes (with their probability rows) to tracks; return fruit to emit.
+    def step(self, boxes: Sequence[Box], ts: float, bounds: tuple[float, float]) -> TrackStep:
+        """Match this frame's boxes to tracks; plan the views to classify; say which fruit are done.
 
         bounds: the (x_min, x_max) of the region the localiser searched; fruit leave through
         x_max when the belt runs +x and through x_min when it runs -x.
         """
-        probs = np.asarray(probs, np.float64).reshape(len(boxes), self.num_classes) if len(boxes) else \
-            np.zeros((0, self.num_classes))
         c = self.config
-        out: list[FruitVote] = []
+        self._frame += 1
+        for t in self._tracks:
+            t.seen_at = -1
         matches = self._match(boxes, ts)
         matched_t = {ti for ti, _ in matches}
         matched_d = {di for _, di in matches}
@@ -171,9 +218,8 @@ class Tracker:
                 t.vy = (1 - a) * t.vy + a * obs_vy
                 if t.fruit_id is not None:
                     self._belt_vx = t.vx if self._belt_vx is None else 0.8 * self._belt_vx + 0.2 * t.vx
-            t.box, t.last_ts, t.lost = b, ts, 0
+            t.box, t.last_ts, t.lost, t.seen_at = b, ts, 0, di
             t.hits += 1
-            t.add(probs[di], b.touches_edge)
 
         for ti, t in enumerate(self._tracks):
             if ti not in matched_t:
@@ -185,36 +231,90 @@ class Tracker:
         for di, b in enumerate(boxes):
             if di in matched_d or self._inside_existing(b) or self._absorbed_by_ghost(b, ts):
                 continue
-            t = _Track(b, ts, ts, self.num_classes)
-            t.add(probs[di], b.touches_edge)
+            t = _Track(b, ts, ts, self.num_classes, uid=self._next_uid, seen_at=di)
+            self._next_uid += 1
+            self._by_uid[t.uid] = t
             self._tracks.append(t)
             self.created += 1
 
-        keep: list[_Track] = []
+        classify: list[tuple[int, int, bool]] = []
+        keep: list[tuple[int, int]] = []
+        done: list[tuple[_Track, Any]] = []
+        live: list[_Track] = []
         for t in self._tracks:
             if t.fruit_id is None and t.hits >= c.min_hits and t.lost == 0:
                 t.fruit_id, self._next_id = self._next_id, self._next_id + 1
             if t.lost == 0:
-                if (c.trigger_x is not None and t.fruit_id is not None and not t.emitted
-                        and (t.box.center[0] - c.trigger_x) * c.direction >= 0):
-                    out.append(self._emit(t, "trigger"))
-                keep.append(t)
+                crossing = (c.trigger_x is not None and t.fruit_id is not None and not t.emitted
+                            and (t.box.center[0] - c.trigger_x) * c.direction >= 0)
+                if self._wants_view(t, bounds):
+                    classify.append((t.uid, t.seen_at, False))
+                elif crossing and t.views == 0:
+                    classify.append((t.uid, t.seen_at, True))  # graded at the line: it needs one view now
+                if t.views == 0 and self._better_fallback(t, bounds):
+                    keep.append((t.uid, t.seen_at))
+                if crossing:
+                    done.append((self._emit(t, "trigger"), None))
+                live.append(t)
                 continue
             reason = "exit" if self._gone(t, ts, bounds) else "lost" if t.lost > c.max_lost else None
             if reason is None:
-                keep.append(t)
+                live.append(t)
             else:
-                self._finish(t, reason, out)
-        self._tracks = keep
-        return self._exit_order(out)
+                self._finish(t, reason, done)
+        self._tracks = live
+        return TrackStep(classify, keep, [(t.uid, p) for t, p in self._exit_order(done)])
+
+    def record_view(self, uid: int) -> None:
+        """The caller took a view of this fruit (its probabilities may come later)."""
+        t = self._by_uid[uid]
+        t.views += 1
+        t.last_view = self._frame
+        t.fallback = None  # a view exists: the kept one is not needed any more
+
+    def keep(self, uid: int, payload: Any) -> None:
+        """Remember the caller's payload for a `TrackStep.keep` view (returned in `done` if needed)."""
+        t = self._by_uid[uid]
+        if t.views == 0:
+            t.fallback = payload
+
+    def add_probs(self, uid: int, probs: np.ndarray, partial: bool) -> None:
+        """A view's probabilities arrived (any time before `vote(uid)`)."""
+        self._by_uid[uid].add(np.asarray(probs, np.float64).reshape(self.num_classes), partial)
+
+    def vote(self, uid: int) -> FruitVote:
+        """The vote of a done fruit, once all its views have their probabilities; releases the fruit."""
+        t = self._by_uid[uid]
+        assert t.emitted and t.fruit_id is not None, "vote() is for fruit that step() reported done"
+        if not any(x is t for x in self._tracks):  # voted at the trigger line: tracked until it leaves
+            del self._by_uid[uid]
+        probs, n = t.vote()
+        return FruitVote(t.fruit_id, probs, t.hits, n, t.first_ts, t.last_ts, t.reason, t.box)
+
+    def finish(self) -> list[tuple[int, Any]]:
+        """End of stream: every confirmed fruit not yet done is done now (exit order), as in `step().done`."""
+        done: list[tuple[_Track, Any]] = []
+        for t in self._tracks:
+            self._finish(t, "flush", done)
+        self._tracks, self._ghosts = [], []
+        return [(t.uid, p) for t, p in self._exit_order(done)]
+
+    def update(self, boxes: Sequence[Box], probs: np.ndarray, ts: float,
+               bounds: tuple[float, float]) -> list[FruitVote]:
+        """step() for a caller with a probability row for every box: the planned views use theirs."""
+        probs = np.asarray(probs, np.float64).reshape(len(boxes), self.num_classes) if len(boxes) else \
+            np.zeros((0, self.num_classes))
+        s = self.step(boxes, ts, bounds)
+        for uid, di in s.keep:
+            self.keep(uid, (probs[di], boxes[di].touches_edge))
+        for uid, di, _ in s.classify:
+            self.record_view(uid)
+            self.add_probs(uid, probs[di], boxes[di].touches_edge)
+        return self._vote_done(s.done)
 
     def flush(self) -> list[FruitVote]:
-        """End of stream: emit every confirmed fruit not yet emitted, in exit order."""
-        out: list[FruitVote] = []
-        for t in self._tracks:
-            self._finish(t, "flush", out)
-        self._tracks, self._ghosts = [], []
-        return self._exit_order(out)
+        """End of stream for update() callers: the votes of every fruit still in view, in exit order."""
+        return self._vote_done(self.finish())
 
     def emit_single(self, box: Box, probs: np.ndarray, ts: float) -> FruitVote:
         """Full-frame mode: this frame alone is one fruit (a hand-held shot, one photo)."""
@@ -222,7 +322,9 @@ class Tracker:
         self._next_id += 1
         self.created += 1
         t.add(np.asarray(probs, np.float64).reshape(self.num_classes), False)
-        return self._emit(t, "frame")
+        self._emit(t, "frame")
+        probs, n = t.vote()
+        return FruitVote(t.fruit_id, probs, t.hits, n, t.first_ts, t.last_ts, t.reason, t.box)
 
     # ----------------------------------------------------------------------------------- helpers
     def _predict(self, t: _Track, ts: float) -> tuple[float, float]:
@@ -274,21 +376,53 @@ class Tracker:
                 return True
         return False
 
-    def _finish(self, t: _Track, reason: str, out: list[FruitVote]) -> None:
+    def _finish(self, t: _Track, reason: str, out: list[tuple[_Track, Any]]) -> None:
         if reason != "flush" and t.fruit_id is not None:
             self._ghosts.append([t, self.config.max_lost + 1])
         if t.fruit_id is None:
             self.discarded += 1
+            self._by_uid.pop(t.uid, None)
         elif not t.emitted:
-            out.append(self._emit(t, reason))
+            out.append((self._emit(t, reason), t.fallback if t.views == 0 else None))
+        elif t.full_n + t.edge_n >= t.views:  # voted at the trigger line and its views are all in
+            self._by_uid.pop(t.uid, None)
 
-    def _emit(self, t: _Track, reason: str) -> FruitVote:
+    def _emit(self, t: _Track, reason: str) -> _Track:
         assert t.fruit_id is not None and not t.emitted
-        t.emitted = True
+        t.emitted, t.reason = True, reason
         self.emitted += 1
-        probs, n = t.vote()
-        return FruitVote(t.fruit_id, probs, t.hits, n, t.first_ts, t.last_ts, reason, t.box)
+        return t
 
-    def _exit_order(self, votes: list[FruitVote]) -> list[FruitVote]:
+    def _exit_order(self, done: list[tuple[_Track, Any]]) -> list[tuple[_Track, Any]]:
         # Several fruit finishing in one frame: the one furthest along the belt left first.
-        return sorted(votes, key=lambda v: -v.box.center[0] * self.config.direction)
+        return sorted(done, key=lambda d: -d[0].box.center[0] * self.config.direction)
+
+    def _fits(self, b: Box, bounds: tuple[float, float]) -> bool:
+        """A whole view whose crop (margin included) lies inside the region along the belt."""
+        m = self.config.view_margin * b.w
+        return not b.touches_edge and b.x - m >= bounds[0] and b.x2 + m <= bounds[1]
+
+    def _wants_view(self, t: _Track, bounds: tuple[float, float]) -> bool:
+        c = self.config
+        if c.max_views == 0:
+            return True  # no budget: every box, tentative tracks too (their views count once confirmed)
+        return (t.fruit_id is not None and not t.emitted and t.views < c.max_views
+                and self._frame - t.last_view >= c.view_stride and self._fits(t.box, bounds))
+
+    def _better_fallback(self, t: _Track, bounds: tuple[float, float]) -> bool:
+        # Best view so far: a fitting crop, then a whole fruit, then the largest visible part.
+        rank = (self._fits(t.box, bounds), not t.box.touches_edge, t.box.area)
+        if t.fallback_rank and rank <= t.fallback_rank:
+            return False
+        t.fallback_rank = rank
+        return True
+
+    def _vote_done(self, done: list[tuple[int, Any]]) -> list[FruitVote]:
+        out = []
+        for uid, payload in done:
+            if payload is not None:
+                probs, partial = payload
+                self.record_view(uid)
+                self.add_probs(uid, probs, partial)
+            out.append(self.vote(uid))
+        return out

@@ -11,6 +11,14 @@ learned empty embedding starts the sequence. Logits pass through tanh_constant·
 `Reinforce` trains it: loss = -(R - b)·log p(arch) - entropy_weight·H, Adam, moving-average baseline
 b ← decay·b + (1 - decay)·R. The baseline starts at the first reward rather than 0: with rewards in
 [0, 1] a zero start makes the first ~100 advantages all positive, reinforcing whatever was sampled.
+An update may average that loss over a batch of B sampled architectures (`update_batch`; B = 1 is the
+paper): every advantage is taken against the baseline before the update, then the B rewards enter
+the moving average one by one in sample order, so B = 1 is exactly the one-sample rule above.
+
+Sample k of a run (k = 0, 1, … counts scored architectures) is drawn with its own generator, seeded
+from (seed, k) (`stream`), not from one running generator: whichever process draws it, and whatever
+it drew before, sample k is the same function of the policy. This is what lets N ranks each draw
+their share of a batch (search.distributed) and still sample what one process would.
 
 Controller learning rate. Table 1 gives Adam 0.1; ENAS used 3.5e-4 (macro) / 1e-3. Measured with
 fresh controllers on trained tiny supernets (bench/search_quality.py, section "controller_lr"); the
@@ -32,8 +40,10 @@ Table 1's 0.1 for replication.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +52,10 @@ from torch import nn
 from mnet.arch import Arch, SearchSpace
 from mnet.errors import ConfigError
 
-__all__ = ["ControllerConfig", "Controller", "Reinforce"]
+if TYPE_CHECKING:
+    from mnet.search.distributed import Dist
+
+__all__ = ["ControllerConfig", "Controller", "Reinforce", "stream"]
 
 _Mode = Literal["sample", "argmax", "force"]
 
@@ -177,43 +190,82 @@ class Controller(nn.Module):
         return arch, log_p
 
 
+def stream(seed: int, name: str, index: int) -> torch.Generator:
+    """A generator for draw `index` of the random stream `name`: a function of (seed, name, index) alone.
+
+    Hashing (rather than seed + index) keeps neighbouring seeds' streams unrelated, and any int works
+    as a seed, negative ones included.
+    """
+    digest = hashlib.blake2b(f"{seed}:{name}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)  # manual_seed wants < 2**63
+
+
 class Reinforce:
-    """Controller + Adam + moving-average baseline; `state_dict` makes a search resumable."""
+    """Controller + Adam + moving-average baseline; `state_dict` makes a search resumable.
+
+    `step` counts the architectures scored so far (B per update); it is also the index of the next
+    sample, so a checkpoint needs no generator state.
+    """
 
     def __init__(self, space: SearchSpace, cfg: ControllerConfig, seed: int = 0):
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         # The controller lives on the CPU whatever trains the supernet: 2L sequential LSTMCell steps
         # of 100 units are launch-bound on a GPU, and CPU sampling is reproducible across machines.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # initial weights are part of the seeded run, global RNG untouched
             self.controller = Controller(space, cfg)
         self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=cfg.lr)
-        self.generator = torch.Generator().manual_seed(seed)
         self.baseline: float | None = None
         self.step = 0
 
-    def sample(self) -> tuple[Arch, torch.Tensor, torch.Tensor]:
-        return self.controller.sample(self.generator)
+    def sample(self, index: int | None = None) -> tuple[Arch, torch.Tensor, torch.Tensor]:
+        """Sample `index` of the run (default: the next one, `step`): (arch, log-prob, entropy)."""
+        return self.controller.sample(stream(self.seed, "controller", self.step if index is None else index))
 
     def update(self, log_p: torch.Tensor, entropy: torch.Tensor, reward: float) -> dict[str, float]:
-        """One REINFORCE step on one sampled arch; returns what to log."""
+        """One REINFORCE step on one sampled arch (a batch of one); returns what to log."""
+        stats = self.update_batch([float(reward)], [(0, log_p, entropy)])
+        return {"advantage": stats["advantages"][0], "baseline": stats["baseline"], "loss": stats["loss"]}
+
+    def update_batch(self, rewards: Sequence[float], local: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+                     dist: Dist | None = None) -> dict[str, Any]:
+        """One REINFORCE update averaged over a batch of B = len(rewards) sampled architectures.
+
+        `rewards` are all B rewards in sample order; `local` holds (position in the batch, log_p,
+        entropy) of the samples this process drew — all of them alone, its share under torchrun, where
+        `dist` sums the gradients over ranks. Every rank then takes the same Adam step and updates the
+        baseline from the same rewards in the same order, so the controllers stay identical.
+        Returns per-sample advantages and baselines (after each reward entered the average), the final
+        baseline and this process's share of the loss.
+        """
         if self.baseline is None:
-            self.baseline = float(reward)
-        advantage = float(reward) - self.baseline
-        loss = -advantage * log_p - self.cfg.entropy_weight * entropy
+            self.baseline = float(rewards[0])
+        before = self.baseline
+        advantages = [float(r) - before for r in rewards]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros(())
+        if local:  # a rank with no sample this update still joins the gradient sum (with zeros)
+            # divided by the global B, so that summing the ranks' gradients gives the batch mean
+            loss = sum(-advantages[i] * log_p - self.cfg.entropy_weight * entropy
+                       for i, log_p, entropy in local) / len(rewards)
+            loss.backward()
+        if dist is not None:
+            dist.all_reduce_gradients(self.controller.parameters(), keep_unused=True)
         self.optimizer.step()
-        self.baseline = self.cfg.baseline_decay * self.baseline + (1 - self.cfg.baseline_decay) * float(reward)
-        self.step += 1
-        return {"advantage": advantage, "baseline": self.baseline, "loss": float(loss.detach())}
+        baselines = []
+        for r in rewards:  # fixed (sample) order: the same float arithmetic on every rank
+            self.baseline = self.cfg.baseline_decay * self.baseline + (1 - self.cfg.baseline_decay) * float(r)
+            baselines.append(self.baseline)
+        self.step += len(rewards)
+        return {"advantages": advantages, "baselines": baselines, "baseline": self.baseline,
+                "loss": float(loss.detach())}
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.cfg),
             "controller": self.controller.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
+            "seed": self.seed,
             "baseline": self.baseline,
             "step": self.step,
         }
@@ -221,6 +273,7 @@ class Reinforce:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        # checkpoints from before per-sample streams hold a "generator" and no seed: keep ours
+        self.seed = int(state.get("seed", self.seed))
         self.baseline = None if state["baseline"] is None else float(state["baseline"])
         self.step = int(state["step"])

@@ -24,10 +24,19 @@ returns the single-process `Dist` and nothing else changes. The loops (`search.t
   at every epoch end (`average_buffers`), so all ranks hold the same model, the checkpoint describes
   every rank, and a resumed run matches an uninterrupted one.
 - Files. Rank 0 alone writes checkpoints, metrics, plots and arch.json; every rank reads the same
-  checkpoint on --resume. Choices made by timing (`search.dense`) are made on rank 0 and broadcast.
-- Controller. Every rank runs the same controller steps (same seeded sampler, same reward minibatch,
-  same update), so the policy stays identical on all ranks without communication; the controller
-  phase is therefore correct under N ranks but not N× faster.
+  checkpoint on --resume. Choices made by timing (`search.depthwise`) are made on rank 0 and broadcast.
+- Controller. An update averages REINFORCE over `--controller-batch` B sampled architectures, B being
+  the GLOBAL batch like `--batch-size`: rank r samples and scores positions r, r + N, r + 2N, … of
+  each batch, each on its own validation minibatch. Sample k of the run (its architecture and its
+  minibatch) is drawn from generators seeded by (seed, k) (`search.controller.stream`), so it is the
+  same whichever rank draws it. The rewards (with the log-probs, entropies and reward extras that
+  rank 0 logs) are all-gathered (`all_gather`), every rank updates the baseline from all B rewards
+  in sample order, computes the REINFORCE loss of its own samples only, and the controller's
+  gradients are summed (`all_reduce_gradients`, loss scaled by 1/B: the batch mean), so every rank
+  takes the same Adam step and the controllers stay identical. N ranks score B architectures in the
+  time one process scores B/N: the phase is N× faster for a budget of scored architectures when N
+  divides B, and a run resumes on any number of ranks. B = 1 (the paper) leaves all ranks but rank 0
+  idle in the phase. Scoring uses whole minibatches on one rank, so it is the same on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -74,19 +83,54 @@ class Dist:
         """Factor on a shard's mean loss that makes the summed gradients the global-batch mean's."""
         return n_local / n_global if self.enabled else 1.0
 
-    def all_reduce_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        """Sum the gradients of `params` over ranks in one flat all-reduce (the same list on every rank)."""
+    def all_reduce_gradients(self, params: Iterable[nn.Parameter], keep_unused: bool = False) -> None:
+        """Sum the gradients of `params` over ranks in one flat all-reduce (the same list on every rank).
+
+        `keep_unused`: a parameter that no rank has a gradient for keeps `grad = None`, as it would in
+        one process, so the optimizer skips it (Adam would otherwise move it with its momentum). The
+        controller needs it (a decision no sample took, e.g. "no skip" never chosen, leaves its
+        embedding without gradient), the supernet's path does not. The "has a gradient" flags travel
+        in the same flat buffer: still one all-reduce.
+        """
         if not self.enabled:
             return
         params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        had = [p.grad is not None for p in params]
         for p in params:
             if p.grad is None:  # unused on this rank's shard; the others' gradients still count
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
-        flat = _flatten_dense_tensors(grads)
-        torch_dist.all_reduce(flat)
-        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(reduced)
+        flags = [torch.tensor(had, dtype=grads[0].dtype, device=grads[0].device)] if keep_unused else []
+        flat = self._all_reduce(_flatten_dense_tensors(grads + flags))
+        reduced = _unflatten_dense_tensors(flat, grads + flags)
+        for g, r in zip(grads, reduced):
+            g.copy_(r)
+        if keep_unused:
+            for p, n in zip(params, reduced[-1].tolist()):
+                if n == 0:  # counts of ranks with a gradient: exact in any float type
+                    p.grad = None
+
+    @staticmethod
+    def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks; returns the result on `t`'s device. NCCL reduces CUDA tensors only, and the
+        controller lives on the CPU (search.controller), so its tensors make a round trip to this
+        rank's GPU there."""
+        if t.device.type == "cpu" and torch_dist.get_backend() == "nccl":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            torch_dist.all_reduce(on_gpu)
+            return on_gpu.cpu()
+        torch_dist.all_reduce(t)
+        return t
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` when alone."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
 
     def all_reduce_sum(self, *tensors: torch.Tensor) -> None:
         """In-place sum over ranks (epoch metrics: one synchronisation per epoch, not per step)."""

@@ -10,6 +10,14 @@ Schedules (DESIGN "ENAS"):
 - ``alternating`` (original ENAS): one pass over the supernet's data with paths sampled from the
   controller (m = 1 per minibatch), then a block of S/E controller steps; E times.
 
+Controller steps. S = ``controller_steps`` counts SCORED ARCHITECTURES (the paper's 5000: one sampled
+path, one validation minibatch each), whatever the batching: an update averages REINFORCE over
+``controller_batch`` B of them (B = 1, the paper: one update per architecture), so the phase makes S/B
+updates. metrics.jsonl has one line per scored architecture ("step" = its 1-based index in the run,
+"update" = its update's), `controller.pt` saves at update boundaries and `Reinforce.step` counts
+architectures, so logs, progress, checkpoints and the random-search budget all count the same thing.
+Under torchrun the B architectures of an update are scored by the ranks in parallel (search.distributed).
+
 Strategies: ``enas`` (the controller) or ``random`` — the same supernet, trained the same way, then
 scoring `derive_samples + controller_steps` uniform architectures: as many one-minibatch evaluations
 as ENAS spends on controller samples plus its own derivation, so the comparison is at equal budget.
@@ -18,7 +26,9 @@ Data: the dataset's train split is divided once (stratified, seeded) into 80% fo
 weights and 20% for rewards; the dev and test splits are never seen by the search.
 
 Resume: `supernet.pt` holds the supernet, its optimizer, the stage position (epoch, batch) and every
-random draw the supernet stage makes; `controller.pt` the same for the controller stage. Both are
+random draw the supernet stage makes; `controller.pt` the controller, its optimizer, baseline and
+step (sample k's path and minibatch are drawn from generators seeded by (seed, k), so the step is
+the controller stage's whole random state). Both are
 written atomically at epoch ends / every `checkpoint_every` controller steps, and on Ctrl-C (deferred
 to the next step boundary, so the state saved is consistent) before re-raising. A resumed seeded CPU
 run ends bit-identical to an uninterrupted one.
@@ -27,6 +37,7 @@ run ends bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import signal
@@ -47,8 +58,8 @@ from mnet.io import write_json
 from mnet.preprocess import Preprocess
 from mnet.search.batches import DeviceData, fast_path
 from mnet.search.checkpoint import FORMAT, save_checkpoint
-from mnet.search.controller import ControllerConfig, Reinforce
-from mnet.search.dense import select_depthwise
+from mnet.search.controller import ControllerConfig, Reinforce, stream
+from mnet.search.depthwise import depthwise_impls, restore_depthwise, select_depthwise, set_depthwise_impls
 from mnet.search.distributed import SINGLE, Dist
 from mnet.search.distributed import setup as setup_distributed
 from mnet.search.derive import Candidate, derive, derive_meta, write_derived
@@ -57,8 +68,6 @@ from mnet.search.supernet import (
     Evaluator,
     RewardFn,
     Supernet,
-    dense_flags,
-    set_dense_flags,
 )
 from mnet.search.train import autocast, load_splits, resolve_device
 
@@ -104,6 +113,7 @@ class SearchConfig:
     lr_schedule: str = "cosine"  # ENAS anneals the shared weights; "constant" keeps Table 1's 0.01
     flip_p: float = 0.5  # paper §4: horizontal flip augmentation
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    controller_batch: int = 1  # scored architectures per controller update (global under torchrun)
     bn: str = "batch"  # how a sampled path is scored: see search/supernet.py
     val_fraction: float = 0.2
     checkpoint_every: int = 100  # controller steps between saves
@@ -111,7 +121,7 @@ class SearchConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
-    fast_depthwise: bool = True  # exact dense depthwise where timing says it is faster (search.dense)
+    fast_depthwise: bool = True  # exact conv/dense/FFT depthwise, chosen per shape by timing (search.depthwise)
     compile: bool = False  # torch.compile each op module (GPU runs; search.enas.SupernetTrainer.fast_path)
 
     def __post_init__(self) -> None:
@@ -125,6 +135,10 @@ class SearchConfig:
             ("supernet_epochs", self.supernet_epochs >= 1, "expected >= 1"),
             ("derive_samples", self.derive_samples >= 1, "expected >= 1"),
             ("batch_size", self.batch_size >= 2, "expected >= 2 (BatchNorm needs a batch)"),
+            ("controller_batch", self.controller_batch >= 1, "expected >= 1"),
+            ("controller_batch", self.controller.steps % max(self.controller_batch, 1) == 0,
+             (f"--controller-steps {self.controller.steps} counts scored architectures and must be a multiple "
+              "of the architectures per update; change one of them")),
             ("lr", self.lr > 0, "expected > 0"),
             ("momentum", 0 <= self.momentum < 1, "expected in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "expected >= 0"),
@@ -144,7 +158,12 @@ class SearchConfig:
 
     @property
     def controller_steps(self) -> int:
+        """Architectures the controller stage scores (not updates: there are `controller_updates`)."""
         return self.controller.steps
+
+    @property
+    def controller_updates(self) -> int:
+        return self.controller.steps // self.controller_batch
 
     @property
     def derive_budget(self) -> int:
@@ -210,9 +229,15 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         files.start()
         if cfg.fast_depthwise:  # timed once here (rank 0); saved so a resumed run computes alike
             if dist.is_main:
-                select_depthwise(trainer.supernet, batch=cfg.batch_size)
-            set_dense_flags(trainer.supernet, dist.broadcast(dense_flags(trainer.supernet)))
+                select_depthwise(trainer.supernet, batch=cfg.batch_size, amp=cfg.amp)
+            set_depthwise_impls(trainer.supernet, dist.broadcast(depthwise_impls(trainer.supernet)))
     trainer.fast_path(val_data)
+    if agent is not None and dist.enabled and cfg.controller_batch % dist.world_size and dist.is_main:
+        busy = min(cfg.controller_batch, dist.world_size)
+        logging.getLogger(__name__).warning(
+            "--controller-batch %d on %d ranks: %d rank(s) score architectures in a controller update, the "
+            "others wait; pass a multiple of %d for a controller phase %d× faster than one process",
+            cfg.controller_batch, dist.world_size, busy, dist.world_size, dist.world_size)
 
     # the schedule; every step boundary may save (periodically, or on Ctrl-C) and report progress
     def on_batch(done: int, total: int) -> None:
@@ -225,12 +250,14 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         report("supernet", trainer.epoch, cfg.supernet_epochs, record)
         interrupt.check()
 
-    def on_step(record: dict) -> None:
-        files.controller_seconds += record["seconds"]
-        files.log(record)
-        if agent.step % cfg.checkpoint_every == 0:
-            files.save_controller(agent, evaluator)
-        report("controller", agent.step, cfg.controller_steps, record)
+    def on_update(records: list[dict]) -> None:  # after each controller update, on every rank
+        files.controller_seconds += sum(r["seconds"] for r in records)
+        for r in records:  # every rank has every sample's record (gathered); rank 0 writes them
+            files.log(r)
+        for r in records:
+            report("controller", r["step"], cfg.controller_steps, r)
+        if agent.step // cfg.checkpoint_every > (agent.step - len(records)) // cfg.checkpoint_every:
+            files.save_controller(agent, evaluator)  # a multiple of checkpoint_every was passed
         interrupt.check()
 
     def uniform() -> Arch:
@@ -247,16 +274,19 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
                 while trainer.epoch < cfg.supernet_epochs:
                     end_epoch(trainer.train_epoch(uniform, on_batch))
                 if agent is not None:
-                    train_controller(agent, evaluator, cfg.controller_steps, on_step=on_step)
+                    train_controller(agent, evaluator, cfg.controller_steps, batch=cfg.controller_batch,
+                                     dist=dist, on_update=on_update)
                     files.save_controller(agent, evaluator)
             else:  # alternating: pass e over the data with the policy's paths, then controller block e
                 def block_end(epoch: int) -> int:  # controller steps done once block `epoch - 1` ends
-                    return round(cfg.controller_steps * epoch / cfg.supernet_epochs)
+                    # whole updates per block: a block boundary never splits a batch of B samples
+                    return cfg.controller_batch * round(cfg.controller_updates * epoch / cfg.supernet_epochs)
 
                 files.check_alternating(trainer, agent, block_end)
                 while True:
                     if trainer.batch == 0 and agent.step < block_end(trainer.epoch):
-                        train_controller(agent, evaluator, block_end(trainer.epoch), on_step=on_step)
+                        train_controller(agent, evaluator, block_end(trainer.epoch), batch=cfg.controller_batch,
+                                         dist=dist, on_update=on_update)
                         files.save_controller(agent, evaluator)
                     if trainer.epoch == cfg.supernet_epochs:
                         break
@@ -276,7 +306,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         best = write_derived(out, candidates, derive_meta(cfg.strategy, n, False, cfg), cfg.topk)
     else:  # every rank derived the same candidates; only rank 0 writes them
         best = candidates[0]  # sorted best first, as write_derived takes it
-    seconds = files.finish(trainer, agent, best, time.time() - t0, device, plots)
+    seconds = files.finish(trainer, agent, best, time.time() - t0, device, plots, dist.world_size)
     return SearchResult(out, best.arch, best, seconds, str(device))
 
 
@@ -393,7 +423,7 @@ class SupernetTrainer:
         gauss = self.arch_rng.getstate()
         return {
             "model": {k: v.detach().cpu() for k, v in self.supernet.state_dict().items()},
-            "dense": dense_flags(self.supernet),
+            "depthwise": depthwise_impls(self.supernet),
             "optimizer": self.optimizer.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch, "loss_sum": self._loss_sum.cpu(),
                          "correct": self._correct.cpu()},
@@ -405,7 +435,7 @@ class SupernetTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.supernet.load_state_dict(state["model"])
-        set_dense_flags(self.supernet, state["dense"])
+        restore_depthwise(self.supernet, state)  # names, or the bool "dense" list of older checkpoints
         self.optimizer.load_state_dict(state["optimizer"])
         pos, rng = state["position"], state["rng"]
         self.epoch, self.batch = int(pos["epoch"]), int(pos["batch"])
@@ -421,21 +451,47 @@ class SupernetTrainer:
 
 # --- stage 2: the controller ----------------------------------------------------------------------
 
-def train_controller(agent: Reinforce, evaluator: Evaluator, until: int, *,
-                     on_step: Callable[[dict], None] | None = None) -> None:
-    """REINFORCE steps until `agent.step == until`: sample a path, score it on one validation
-    minibatch, update. Reusable on any saved supernet (e.g. a re-search with a latency reward)."""
+def train_controller(agent: Reinforce, evaluator: Evaluator, until: int, *, batch: int = 1, dist: Dist = SINGLE,
+                     on_step: Callable[[dict], None] | None = None,
+                     on_update: Callable[[list[dict]], None] | None = None) -> None:
+    """REINFORCE until `agent.step == until` scored architectures: each update samples `batch` paths,
+    scores each on one validation minibatch and averages the policy gradient over them. Reusable on any
+    saved supernet (e.g. a re-search with a latency reward).
+
+    Sample k of the run (k = `agent.step` + position in the batch) takes its path and its minibatch
+    from generators seeded by (agent seed, k), so the result does not depend on which process scores
+    it: under torchrun (`dist`) rank r scores positions r, r + N, … of each batch, the records are
+    all-gathered and every rank takes the same update (search.distributed). `on_step(record)` then
+    sees each sample's record in sample order, `on_update(records)` the update's; both on every rank.
+    """
+    if (until - agent.step) % batch:
+        raise ConfigError(f"controller: {until - agent.step} steps to go is not a whole number of updates of "
+                          f"{batch} architectures; make the steps a multiple of the batch")
+    bs = evaluator.batch_size
     while agent.step < until:
         t0 = time.time()
-        arch, log_p, entropy = agent.sample()
-        score = evaluator(arch)
-        stats = agent.update(log_p, entropy, score.reward)
-        record = {"stage": "controller", "step": agent.step, "reward": score.reward, "accuracy": score.accuracy,
-                  "baseline": stats["baseline"], "entropy": float(entropy.detach()), "log_prob": float(log_p.detach()),
-                  "arch": [[x.kernel, x.dilation, x.skip] for x in arch.layers], **score.extras,
-                  "seconds": time.time() - t0}
+        first, update = agent.step, agent.step // batch + 1
+        mine, local = [], []
+        for i in range(dist.rank, batch, dist.world_size):
+            arch, log_p, entropy = agent.sample(first + i)
+            score = evaluator(arch, evaluator.val_data.sample_batch(bs, stream(agent.seed, "reward", first + i)))
+            mine.append((i, log_p, entropy))
+            local.append({"i": i, "reward": score.reward, "accuracy": score.accuracy,
+                          "entropy": float(entropy.detach()), "log_prob": float(log_p.detach()),
+                          "arch": [[x.kernel, x.dilation, x.skip] for x in arch.layers], "extras": score.extras})
+        # every rank needs every reward (the baseline) and rank 0 logs every sample: one gather per update
+        gathered = sorted((s for part in dist.all_gather(local) for s in part), key=lambda s: s["i"])
+        stats = agent.update_batch([s["reward"] for s in gathered], mine, dist)
+        seconds = (time.time() - t0) / batch  # the update's wall time, shared by its samples
+        records = [{"stage": "controller", "step": first + s["i"] + 1, "update": update, "reward": s["reward"],
+                    "accuracy": s["accuracy"], "advantage": stats["advantages"][j], "baseline": stats["baselines"][j],
+                    "entropy": s["entropy"], "log_prob": s["log_prob"], "arch": s["arch"], **s["extras"],
+                    "seconds": seconds} for j, s in enumerate(gathered)]
         if on_step is not None:
-            on_step(record)
+            for r in records:
+                on_step(r)
+        if on_update is not None:
+            on_update(records)
 
 
 # --- run files: checkpoints, metrics, resume ------------------------------------------------------
@@ -511,7 +567,7 @@ class _RunFiles:
                                   f"{agent.step}) are from different points of the search; restart without --resume")
 
     def finish(self, trainer: SupernetTrainer, agent: Reinforce | None, best: Candidate, derive_seconds: float,
-               device: torch.device, plots: bool) -> float:
+               device: torch.device, plots: bool, ranks: int = 1) -> float:
         from mnet.search.plots import plot_search
 
         seconds = trainer.seconds + self.controller_seconds + derive_seconds
@@ -525,6 +581,7 @@ class _RunFiles:
             "supernet_images": len(trainer.data),
             "reward_images": len(self.meta["val_indices"]),
             "device": str(device),
+            "ranks": ranks,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "seconds": {"supernet": trainer.seconds, "controller": self.controller_seconds,
                         "derive": derive_seconds, "total": seconds},
@@ -544,8 +601,6 @@ class _RunFiles:
         try:
             plot_search(self.out, records, policy, trainer.supernet.space.ops)
         except Exception as e:  # plots are a convenience: a missing matplotlib must not lose the search
-            import logging
-
             logging.getLogger(__name__).warning("no search plots: %s", e)
         return seconds
 
@@ -652,7 +707,7 @@ def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
         raise CheckpointError(f"{run}: the dataset's train split differs from the one searched on")
     supernet = Supernet(space).to(dev)
     supernet.load_state_dict(raw["model"])
-    set_dense_flags(supernet, raw["dense"])
+    restore_depthwise(supernet, raw)
     agent = None
     if controller and cfg.strategy == "enas":
         path = run / "controller.pt"

@@ -3,6 +3,8 @@
 Op = ReLU → depthwise k×k (dilation d, 'same' padding) → BN → pointwise 1×1 → BN  (DESIGN).
 The depthwise kernel is built already cropped to the taps that can see the layer's feature map
 (`mnet.arch.cropped_kernel`): the output is identical and a 39×39 kernel at 6×8 costs 11×15.
+How the depthwise conv is computed (`SepConv.impl`: conv, dense or fft — the same function) is
+chosen by timing in `search.depthwise`; export always runs the conv.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnet.arch import Arch, cropped_kernel
+from mnet.search.depthwise import depthwise
 
 __all__ = ["SepConv", "Stem", "Head", "pool_to", "forward_arch"]
 
@@ -23,7 +26,7 @@ class SepConv(nn.Module):
         super().__init__()
         kh, kw = cropped_kernel(kernel, dilation, *hw)
         self.kernel, self.dilation, self.hw = kernel, dilation, tuple(hw)
-        self.dense = False  # True: the exact dense form (search.dense); chosen by timing, never exported
+        self.impl = "conv"  # or "dense" / "fft": exact faster forms (search.depthwise), never exported
         self.dw = nn.Conv2d(channels, channels, (kh, kw), padding=(dilation * (kh // 2), dilation * (kw // 2)),
                             dilation=dilation, groups=channels, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
@@ -31,13 +34,7 @@ class SepConv(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(x)
-        if self.dense:
-            from mnet.search.dense import dense_depthwise
-
-            x = dense_depthwise(x, self.dw.weight, self.dilation)
-        else:
-            x = self.dw(x)
+        x = depthwise(F.relu(x), self.dw, self.impl)
         return self.bn2(self.pw(self.bn1(x)))
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from mnet.search.controller import ControllerConfig, Reinforce
 from mnet.search.derive import Candidate, derive, write_derived
-from mnet.search.enas import _AGENT_SEED, _EVAL_SEED, OpenRun, open_run, train_controller
+from mnet.search.enas import _AGENT_SEED, OpenRun, open_run, train_controller
 from mnet.search.supernet import RewardFn
 
 from mnet.errors import ConfigError
@@ -53,9 +53,9 @@ def research(opened: OpenRun, out: str | os.PathLike, reward: RewardFn, *, steps
     samples = derive_samples or cfg.derive_samples
     t0 = time.time()
 
-    # the same evaluator batches for every re-search of this supernet, whatever ran before
+    # a fresh controller; its samples and their batches follow from the seed (search.controller.stream),
+    # so re-searches of one supernet with one seed score the same batches whatever ran before
     opened.evaluator.reward = reward
-    opened.evaluator.generator.manual_seed(seed + _EVAL_SEED)
     agent = Reinforce(opened.space, ccfg, seed + _AGENT_SEED)
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)

@@ -50,6 +50,7 @@ from mnet.arch import Arch, Layer, SearchSpace
 from mnet.errors import CheckpointError, ConfigError
 from mnet.search.batches import DeviceData
 from mnet.search.checkpoint import FORMAT
+from mnet.search.depthwise import restore_depthwise
 from mnet.search.model import MNet
 from mnet.search.ops import Head, SepConv, Stem, forward_arch
 from mnet.search.reward import accuracy_reward
@@ -62,8 +63,6 @@ __all__ = [
     "recalibrate_bn",
     "load_supernet",
     "RewardFn",
-    "dense_flags",
-    "set_dense_flags",
     "Score",
     "Evaluator",
 ]
@@ -74,20 +73,6 @@ BN_MODES = ("batch", "running", "recalibrate")
 # and stored with the top-k. `mnet.search.reward` has the paper's accuracy reward and the latency-aware
 # R = acc x (LAT/T)^w.
 RewardFn = Callable[[Arch, float], tuple[float, dict[str, Any]]]
-
-
-def dense_flags(model: nn.Module) -> list[bool]:
-    """Which SepConvs use the dense depthwise form (`search.dense`), in `model.modules()` order."""
-    return [bool(m.dense) for m in model.modules() if isinstance(m, SepConv)]
-
-
-def set_dense_flags(model: nn.Module, flags: list[bool]) -> None:
-    """Put back `dense_flags` (a resumed run must compute exactly as before the interruption)."""
-    cells = [m for m in model.modules() if isinstance(m, SepConv)]
-    if len(cells) != len(flags):
-        raise CheckpointError(f"{len(flags)} saved depthwise choices for {len(cells)} ops: not this network")
-    for m, dense in zip(cells, flags):
-        m.dense = bool(dense)
 
 
 class Supernet(nn.Module):
@@ -140,7 +125,7 @@ class Supernet(nn.Module):
         model = MNet(arch, dropout=dropout)
         model.load_state_dict(self.child_state_dict(arch))
         for cell, shared in zip(model.cells, self.path(arch)):
-            cell.dense = shared.dense  # the same depthwise implementation: the same numbers
+            cell.impl = shared.impl  # the same depthwise implementation: the same numbers
         return model.to(next(self.parameters()).device)
 
 
@@ -203,8 +188,7 @@ def load_supernet(path: str | os.PathLike, map_location: str | torch.device = "c
         net.load_state_dict(raw["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match its search space ({str(e)[:200]})") from None
-    if raw.get("dense"):
-        set_dense_flags(net, raw["dense"])
+    restore_depthwise(net, raw)  # names, or the bool "dense" list of older checkpoints
     return net.to(map_location), raw
 
 
@@ -218,8 +202,9 @@ class Score:
 class Evaluator:
     """Scores a sampled path: accuracy on one validation minibatch, then the reward hook.
 
-    Minibatches come from its own seeded generator (`state_dict` keeps it), so a resumed search
-    draws the same batches. `bn` picks how BatchNorm normalises the path (module docstring);
+    Without a given batch, minibatches come from its own seeded generator (`state_dict` keeps it);
+    the controller phase passes each architecture its own batch, drawn from (seed, architecture
+    number) so that any number of ranks scores the same batches (search.enas.train_controller). `bn` picks how BatchNorm normalises the path (module docstring);
     ``recalibrate`` uses `calib_batches` fixed batches of `calib_data` (the supernet's train part).
     """
 

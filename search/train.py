@@ -29,7 +29,7 @@ from mnet.metrics import Metrics, compute_metrics
 from mnet.preprocess import Preprocess
 from mnet.search.batches import DeviceData, fast_path
 from mnet.search.checkpoint import load_checkpoint, save_checkpoint
-from mnet.search.dense import select_depthwise
+from mnet.search.depthwise import depthwise_impls, restore_depthwise, select_depthwise, set_depthwise_impls
 from mnet.search.distributed import setup as setup_distributed
 from mnet.search.model import MNet
 
@@ -56,7 +56,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     eval_batch_size: int = 512
-    fast_depthwise: bool = True  # exact dense depthwise where timing says it is faster (search.dense)
+    fast_depthwise: bool = True  # exact dense / FFT depthwise where timing says faster (search.depthwise)
     compile: bool = False  # torch.compile the model (pays off on long GPU runs)
 
     def __post_init__(self) -> None:
@@ -185,11 +185,8 @@ def fit(model: nn.Module, train_split: Split, dev_split: Split, out: str | os.Pa
     else:
         if cfg.fast_depthwise:  # timed on rank 0 only, so every rank computes with the same kernels
             if dist.is_main:
-                select_depthwise(model, batch=cfg.batch_size)
-            flags = dist.broadcast([bool(getattr(m, "dense", False)) for m in model.modules()])
-            for m, dense in zip(model.modules(), flags):
-                if hasattr(m, "dense"):
-                    m.dense = dense
+                select_depthwise(model, batch=cfg.batch_size, amp=cfg.amp)
+            set_depthwise_impls(model, dist.broadcast(depthwise_impls(model)))
         if dist.is_main and metrics_path.exists():
             metrics_path.unlink()
     if dist.is_main:
@@ -275,7 +272,7 @@ def _save_epoch(out: Path, model: nn.Module, optimizer, gen: torch.Generator, de
         "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
         "best": {"accuracy": best_acc, "epoch": best_epoch},
-        "dense": [bool(getattr(m, "dense", False)) for m in model.modules()],
+        "depthwise": depthwise_impls(model),
         "elapsed": elapsed,
     })
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -297,9 +294,7 @@ def _restore(path: Path, model: nn.Module, optimizer, gen: torch.Generator, cfg:
         raise CheckpointError(f"--resume: options differ from the run being resumed {diff}; pass the same options")
     model.load_state_dict(ckpt.state_dict)
     # the same depthwise implementations as before the interruption, so the run continues bit for bit
-    for m, dense in zip(model.modules(), raw.get("dense", [])):
-        if hasattr(m, "dense"):
-            m.dense = dense
+    restore_depthwise(model, raw)
     optimizer.load_state_dict(raw["optimizer"])
     gen.set_state(raw["rng"]["generator"])
     torch.set_rng_state(raw["rng"]["torch"])

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mnet.arch import PRESETS, cropped_kernel
-from mnet.search.dense import dense_depthwise, select_depthwise, use_conv
+from mnet.search.dense import dense_depthwise
+from mnet.search.depthwise import select_depthwise, use_conv
 from mnet.search.model import MNet
 
 
@@ -33,9 +34,10 @@ def test_select_switches_layers_and_model_output_unchanged():
     x = torch.randn(4, 3, 24, 32)
     ref = m(x)
     counts = select_depthwise(m, batch=4)
-    assert counts["conv"] + counts["dense"] == arch.num_layers
+    assert sum(counts.values()) == arch.num_layers
     for layer in m.cells:
-        layer.dense = True
+        layer.impl = "dense"
     torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
     use_conv(m)
-    assert not any(c.dense for c in m.cells)
+    assert [c.impl for c in m.cells] == ["conv"] * arch.num_layers
+

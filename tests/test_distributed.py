@@ -5,12 +5,19 @@ so 2 ranks at global batch B equal one process that runs the two halves of every
 network separately ("ghost batch norm", `_Ghost` below) — not one process at batch B. The equality
 test compares against that reference with real BNs, and checks that the plain full-batch run differs
 by far more than the tolerance, so the comparison cannot pass vacuously.
+
+The controller phase has no such caveat: each sampled architecture is scored whole on one rank, so
+2 ranks at --controller-batch 2 equal one process at --controller-batch 2 (up to the order of a float
+sum), from the same supernet. Those tests share one supernet (a single-process stage, copied) and
+compare only what the controller phase does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,11 +26,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from mnet.search import enas
+from mnet.search.controller import ControllerConfig
+from mnet.search.distributed import setup as setup_distributed
+from mnet.search.enas import SearchConfig, search
 from mnet.search.model import MNet
 from mnet.search.train import TrainConfig, fit, load_splits
 from torch import nn
 
 from mnet.arch import PRESETS
+from mnet.data import Dataset, Split
 from mnet.preprocess import Preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,11 +143,156 @@ def test_torchrun_search_cli(colour_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), "-m", "mnet", "search", str(colour_data), "--out", str(out), "--preset", "tiny",
-           "--supernet-epochs", "2", "--controller-steps", "4", "--derive-samples", "3", "--batch-size", "16",
-           "--no-fast-depthwise", "--device", "cpu"]
+           "--supernet-epochs", "2", "--controller-steps", "4", "--controller-batch", "2", "--derive-samples", "3",
+           "--batch-size", "16", "--no-fast-depthwise", "--device", "cpu"]
     r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    records = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 + 4  # supernet epochs + controller steps, written once (rank 0)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 + 4  # supernet epochs + scored architectures, written once (rank 0)
+    assert [(x["step"], x["update"]) for x in records[2:]] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     assert (out / "arch.json").is_file() and (out / "controller.pt").is_file()
+    assert json.loads((out / "search.json").read_text())["ranks"] == 2
     assert r.stdout.count("arch →") == 1  # rank 1 prints nothing
+
+
+def _gradients_rank_main(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist, _ = setup_distributed("cpu")
+    both, none, other = (nn.Parameter(torch.zeros(3)) for _ in range(3))
+    both.grad = torch.full((3,), rank + 1.0)
+    if rank == 1:
+        other.grad = torch.full((3,), 5.0)
+    dist.all_reduce_gradients([both, none, other], keep_unused=True)
+    torch.save({"both": both.grad, "none": none.grad, "other": other.grad}, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_all_reduce_gradients_keeps_unused_parameters_unused(tmp_path):
+    """What one process would do: a gradient no rank has stays None (Adam skips the parameter), one
+    that a single rank has is summed with zeros elsewhere."""
+    mp.spawn(_gradients_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        g = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(g["both"], torch.full((3,), 3.0)) and g["none"] is None
+        assert torch.equal(g["other"], torch.full((3,), 5.0))
+
+
+# --- the controller phase on 2 ranks ---------------------------------------------------------------
+
+# 4 updates of 2 architectures (a save every 4); lr high enough that the policy moves far beyond the tolerance
+SEARCH = SearchConfig(preset="tiny", supernet_epochs=1, batch_size=8, derive_samples=2, topk=2,
+                      controller=ControllerConfig(steps=8, lr=0.02), controller_batch=2, checkpoint_every=4,
+                      device="cpu", fast_depthwise=False)
+
+
+def _search_splits(data: Path) -> dict[str, Split]:
+    """48 training images: 39 for the supernet, 9 for rewards (as in test_search_enas)."""
+    full = Dataset(data).load("train", Preprocess((24, 32)))
+    keep = list(range(48))
+    return {"train": Split("train", full.images[keep], full.labels[keep], full.classes,
+                           [full.paths[i] for i in keep])}
+
+
+def _search(data: Path, out: Path, cfg: SearchConfig, resume: bool = False, stop_at=None) -> None:
+    def progress(stage, done, total, info):
+        if (stage, done) == stop_at:
+            raise _Stop  # a crash: nothing saved on the way out
+
+    try:
+        search(data, out, cfg, splits=_search_splits(data), resume=resume, progress=progress, plots=False)
+    except _Stop:
+        pass
+
+
+def _search_rank_main(rank: int, world: int, port: int, data: str, out: str, cfg: SearchConfig, resume: bool,
+                      stop_at) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    train_controller = enas.train_controller
+
+    def keep_controller(agent, *args, **kwargs):  # each rank's final controller, to compare across ranks
+        train_controller(agent, *args, **kwargs)
+        torch.save(agent.controller.state_dict(), Path(out) / f"controller-rank{rank}.pt")
+
+    enas.train_controller = keep_controller
+    _search(Path(data), Path(out), cfg, resume, stop_at)
+    torch.distributed.destroy_process_group()
+
+
+def _search_2_ranks(data: Path, out: Path, stop_at=None) -> None:
+    mp.spawn(_search_rank_main, args=(2, _free_port(), str(data), str(out), SEARCH, True, stop_at), nprocs=2,
+             join=True)
+
+
+def _controller(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "controller.pt", weights_only=True)["agent"]["controller"]
+
+
+def _controller_records(run: Path) -> list[dict]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["stage"] == "controller"]
+
+
+@pytest.fixture(scope="module")
+def supernet_run(colour_data, tmp_path_factory):
+    """One single-process supernet stage (stopped right after its save) that every controller run resumes."""
+    out = tmp_path_factory.mktemp("supernet") / "run"
+    _search(colour_data, out, SEARCH, stop_at=("supernet", SEARCH.supernet_epochs))
+    assert (out / "supernet.pt").is_file() and not (out / "controller.pt").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_search(colour_data, supernet_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-ranks") / "run"
+    shutil.copytree(supernet_run, out)
+    _search_2_ranks(colour_data, out)
+    return out
+
+
+def test_controller_on_2_ranks_equals_one_process(colour_data, supernet_run, two_rank_search, tmp_path):
+    two = _controller(two_rank_search)
+    # every rank ends with the same controller, bit for bit (one all-reduce, one Adam step on each)
+    rank1 = torch.load(two_rank_search / "controller-rank1.pt", weights_only=True)
+    assert all(torch.equal(two[k], rank1[k]) for k in two)
+    one_run = tmp_path / "one"
+    shutil.copytree(supernet_run, one_run)
+    _search(colour_data, one_run, SEARCH, resume=True)
+    one = _controller(one_run)
+    # the same architectures, scored on the same minibatches; the gradient sum differs only in float order
+    a, b = _controller_records(one_run), _controller_records(two_rank_search)
+    assert [(r["step"], r["update"], r["arch"], r["reward"]) for r in a] == \
+        [(r["step"], r["update"], r["arch"], r["reward"]) for r in b]
+    assert [r["log_prob"] for r in a] == pytest.approx([r["log_prob"] for r in b], abs=1e-5)
+    # Adam divides by sqrt(v) + 1e-8, so gradient entries near 1e-8 turn float-order noise into visible
+    # steps: one process summing the same two per-sample gradients in the other order ends 3e-5 away
+    # (measured, lr 0.02, 4 updates); a wrong semantics moves by > 1e-2 (below)
+    assert _max_diff(one, two) < 1e-4
+    # not vacuous: the policy moved far beyond that tolerance, and one architecture per update (the
+    # paper's batch) with the same budget ends elsewhere
+    init = enas.Reinforce(_space(supernet_run), SEARCH.controller, SEARCH.seed + enas._AGENT_SEED)
+    assert _max_diff(init.controller.state_dict(), two) > 1e-2
+    batch1 = SearchConfig(**{**SEARCH.__dict__, "controller_batch": 1})
+    _search(colour_data, tmp_path / "batch1", batch1)
+    assert _max_diff(_controller(tmp_path / "batch1"), two) > 1e-2
+
+
+def test_controller_on_2_ranks_killed_and_resumed(colour_data, supernet_run, two_rank_search, tmp_path):
+    run = tmp_path / "killed"
+    shutil.copytree(supernet_run, run)
+    _search_2_ranks(colour_data, run, stop_at=("controller", 5))  # in update 3: the save after update 2 is left
+    assert torch.load(run / "controller.pt", weights_only=True)["agent"]["step"] == 4
+    assert len(_controller_records(run)) == 6  # update 3 was logged, not saved: the resume drops its lines
+    _search_2_ranks(colour_data, run)
+    full, resumed = _controller(two_rank_search), _controller(run)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert _controller_records(run) == _controller_records(two_rank_search)
+    assert (run / "arch.json").read_text() == (two_rank_search / "arch.json").read_text()
+
+
+def _space(run: Path):
+    from mnet.arch import SearchSpace
+
+    return SearchSpace.from_json(torch.load(run / "supernet.pt", weights_only=True)["space"])

@@ -12,7 +12,7 @@ from mnet.events import EVENT_FIELDS, GradeEvent
 
 def _event(**kw) -> GradeEvent:
     d = {"fruit_id": 3, "grade": "B", "confidence": 0.7, "probs": {"A": 0.2, "B": 0.7, "C": 0.1}, "frames": 12,
-             "first_ts": 1.5, "last_ts": 1.9, "source": "belt.mp4", "model": "tiny@abc"}
+             "views": 3, "first_ts": 1.5, "last_ts": 1.9, "source": "belt.mp4", "model": "tiny@abc"}
     d.update(kw)
     return GradeEvent(**d)
 
@@ -20,8 +20,8 @@ def _event(**kw) -> GradeEvent:
 def test_json_fields_are_exactly_the_contract_and_round_trip():
     e = _event()
     d = e.to_json()
-    assert set(d) == {"fruit_id", "grade", "confidence", "probs", "frames", "first_ts", "last_ts", "source",
-                      "model", "schema_version"}
+    assert set(d) == {"fruit_id", "grade", "confidence", "probs", "frames", "views", "first_ts", "last_ts",
+                      "source", "model", "schema_version"}
     assert tuple(d) == EVENT_FIELDS
     assert list(d["probs"]) == ["A", "B", "C"]  # model class order is kept
     assert GradeEvent.from_json(d) == e
@@ -54,6 +54,8 @@ def test_event_is_frozen_and_owns_its_probs():
         ({"probs": {"A": 0.5, "B": 0.7, "C": 0.1}}, "probs"),  # does not sum to 1
         ({"probs": {"A": -0.1, "B": 0.7, "C": 0.4}}, "probs.A"),
         ({"frames": 0}, "frames"),
+        ({"views": 0}, "views"),
+        ({"views": 13}, "views"),  # more views than frames seen
         ({"last_ts": 1.0}, "last_ts"),  # before first_ts
         ({"first_ts": float("nan")}, "first_ts"),
         ({"source": None}, "source"),
@@ -73,3 +75,10 @@ def test_from_json_rejects_missing_and_unknown_fields():
         GradeEvent.from_json({**d, "colour": "red"})
     with pytest.raises(ConfigError, match="not valid JSON"):
         GradeEvent.from_json("{nope")
+
+
+def test_events_written_before_views_existed_still_read():
+    d = _event().to_json()
+    del d["views"]
+    e = GradeEvent.from_json(d)
+    assert e.views is None and e.to_json()["views"] is None

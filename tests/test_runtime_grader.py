@@ -4,12 +4,14 @@ exactly once, right, in exit order. Plus: stop flag, latency budget, live source
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import signal
 import threading
 import time
+import weakref
 
 import cv2
 import numpy as np
@@ -36,32 +38,45 @@ def conveyor(tmp_path_factory):
 
 
 class _Recording:
-    """Wraps the real localiser and remembers the boxes of the frame being processed."""
+    """Wraps the real localiser; remembers which frame (by object) is which frame number."""
 
     def __init__(self, inner: Localizer) -> None:
         self.inner, self.frame, self.boxes = inner, -1, []
+        self._frames: dict[int, tuple[weakref.ref, int]] = {}
 
     def __call__(self, frame):
         self.frame += 1  # a file source delivers every frame, in order
+        self._frames[id(frame)] = (weakref.ref(frame), self.frame)
         self.boxes = self.inner(frame)
         return self.boxes
 
     def region(self, frame):
         return self.inner.region(frame)
 
+    def where(self, crop):
+        """(frame number, crop's (x0, y0, x1, y1)) of a crop: crops are views into the frame."""
+        base = crop.base
+        ref, index = self._frames[id(base)]
+        assert ref() is base, "a crop of a frame the localiser never saw"
+        off = crop.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+        y, x = divmod(off, base.strides[0])
+        x //= base.strides[1]
+        return index, (x, y, x + crop.shape[1], y + crop.shape[0])
+
 
 def _overlap(b, xyxy) -> int:
     x0, y0, x1, y1 = xyxy
-    return max(0, min(b.x2, x1) - max(b.x, x0)) * max(0, min(b.y2, y1) - max(b.y, y0))
+    bx0, by0, bx1, by1 = b
+    return max(0, min(bx1, x1) - max(bx0, x0)) * max(0, min(by1, y1) - max(by0, y0))
 
 
-class _Oracle:
-    """A backend that 'classifies' each crop as the grade of the planned fruit its box overlaps most."""
+class _Tagging:
+    """Wraps Preprocess: for each batch, the planned fruit under each crop (read by the oracle, which
+    runs later, on the worker thread, when the localiser may be frames ahead)."""
 
-    name = "oracle"
-
-    def __init__(self, plan, rec: _Recording, delay_s: float = 0.0) -> None:
-        self.plan, self.rec, self.delay_s, self.calls = plan, rec, delay_s, 0
+    def __init__(self, inner: Preprocess, rec: _Recording, plan) -> None:
+        self.inner, self.rec, self.plan, self.input_hw = inner, rec, plan, inner.input_hw
+        self.tags: dict[int, tuple] = {}
 
     def _planned(self, f):
         off = self.plan.offset(f)
@@ -69,16 +84,39 @@ class _Oracle:
             dx0, dy0, dx1, dy1 = fr.box
             yield fr, (fr.x0 + off + dx0, fr.y + dy0, fr.x0 + off + dx1, fr.y + dy1)
 
+    def batch(self, crops):
+        x = self.inner.batch(crops)
+        fruit = []
+        for c in crops:
+            if c.base is None or id(c.base) not in self.rec._frames:  # the warm-up's blank crop
+                fruit.append(None)
+                continue
+            f, xyxy = self.rec.where(c)
+            fruit.append(max(self._planned(f), key=lambda item, xyxy=xyxy: _overlap(item[1], xyxy))[0])
+        self.tags[x.__array_interface__["data"][0]] = (x, fruit)  # x kept alive: its address stays unique
+        return x
+
+
+class _Oracle:
+    """A backend that 'classifies' each crop as the grade of the planned fruit its crop overlaps most."""
+
+    name = "oracle"
+
+    def __init__(self, tagging: _Tagging, delay_s: float = 0.0) -> None:
+        self.tagging, self.delay_s, self.calls = tagging, delay_s, 0
+        self.rows: list = []  # the planned fruit of every row classified, in order
+
     def infer(self, x):
         self.calls += 1
         time.sleep(self.delay_s)
-        if self.rec.frame < 0:  # warm-up
-            return np.full((len(x), 3), 1 / 3, np.float32)
-        assert len(x) == len(self.rec.boxes), "one batch per frame, one row per box"
+        _, fruit = self.tagging.tags[x.__array_interface__["data"][0]]
         out = np.full((len(x), 3), 0.05, np.float32)
-        for i, b in enumerate(self.rec.boxes):
-            fruit = max(self._planned(self.rec.frame), key=lambda item, b=b: _overlap(b, item[1]))[0]
-            out[i, CLASSES.index(fruit.grade)] = 0.9
+        for i, fr in enumerate(fruit):
+            if fr is None:
+                out[i] = 1 / 3
+            else:
+                out[i, CLASSES.index(fr.grade)] = 0.9
+                self.rows.append(fr)
         return out
 
 
@@ -86,9 +124,9 @@ def _grade(conveyor, config=None, sinks=None, **kw):
     config = config or GradeConfig()
     path, _truth, plan = conveyor
     rec = _Recording(Localizer(config.localize))
-    backend = kw.pop("backend", None) or _Oracle(plan, rec)
-    summary = grade(backend, Preprocess((24, 32)), CLASSES, str(path), config, sinks, model="oracle",
-                    localizer=rec, **kw)
+    tagging = _Tagging(Preprocess((24, 32)), rec, plan)
+    backend = kw.pop("backend", None) or _Oracle(tagging, kw.pop("delay_s", 0.0))
+    summary = grade(backend, tagging, CLASSES, str(path), config, sinks, model="oracle", localizer=rec, **kw)
     return summary, backend
 
 
@@ -123,9 +161,14 @@ def test_every_fruit_graded_once_right_and_in_exit_order(conveyor, tmp_path):
     assert (tmp_path / "events.csv").read_text().count("\n") == 21
     assert summary.frames_read == summary.frames_processed == truth["frames"] and summary.frames_dropped == 0
     assert summary.grades == {g: want.count(g) for g in CLASSES} and not summary.stopped
-    assert set(summary.stages) == {"capture", "localise", "preprocess", "infer", "track", "sink", "frame"}
+    assert set(summary.stages) == {"capture", "localise", "preprocess", "infer", "track", "sink", "wait", "frame"}
     assert summary.stages["frame"]["p50_ms"] >= summary.stages["localise"]["p50_ms"]
-    assert backend.calls == 1 + sum(1 for i in frames_seen if i.boxes)  # warm-up + one batch per frame with fruit
+    # the view budget: 1..3 views per fruit (default max_views), every view of a real fruit, one batch a frame
+    per_fruit = collections.Counter(fr.fruit_id for fr in backend.rows)
+    assert summary.views == len(backend.rows) == sum(per_fruit.values()) and len(per_fruit) == 20
+    assert all(1 <= n <= 3 for n in per_fruit.values()) and summary.views >= 50
+    assert backend.calls - 1 <= summary.views and summary.views_skipped == 0
+    assert sorted(e.views for e in events) == sorted(per_fruit.values())  # each event says how many voted
     assert len(frames_seen) == truth["frames"] and frames_seen[-1].graded == 20
     assert sum(len(i.events) for i in frames_seen) == 20  # every event was emitted during the stream
 
@@ -169,11 +212,10 @@ def test_stop_flag_finishes_the_frame_flushes_and_reports(conveyor, tmp_path):
 
 
 def test_latency_budget_warns_rate_limited(conveyor, caplog):
-    path, _, plan = conveyor
-    rec = _Recording(Localizer())
     caplog.set_level(logging.WARNING, logger="mnet.runtime.grader")
-    summary = grade(_Oracle(plan, rec, delay_s=0.003), Preprocess((24, 32)), CLASSES, str(path),
-                    GradeConfig(latency_budget_ms=1.0, max_frames=40), localizer=rec)
+    # every frame classified (no view budget), each inference 3 ms: over a 1 ms budget
+    summary, _ = _grade(conveyor, GradeConfig.from_options(latency_budget_ms=1.0, max_frames=40, views=0),
+                        delay_s=0.003)
     warnings = [r for r in caplog.records if "over the 1.0 ms budget" in r.getMessage()]
     assert summary.frames_processed == 40 and summary.over_budget >= 20
     assert len(warnings) == 1  # one warning per 5 s, not one per frame
@@ -301,3 +343,54 @@ def test_first_signal_sets_the_stop_flag_and_handlers_are_restored():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_slow_backend_overlaps_the_frame_loop_and_flush_waits_for_views(conveyor, tmp_path):
+    _, truth, _ = conveyor
+    # 15 ms per call, the loop runs ahead of the worker; events still come out right and in exit order
+    summary, backend = _grade(conveyor, GradeConfig(queue_depth=2), open_sinks(events=tmp_path / "e.jsonl"),
+                              delay_s=0.015)
+    events = [GradeEvent.from_json(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [e.grade for e in events] == [f["grade"] for f in truth["fruits"]]
+    assert [e.fruit_id for e in events] == list(range(1, 21)) and summary.views == len(backend.rows)
+    assert summary.stages["infer"]["p50_ms"] >= 15 > summary.stages["frame"]["p50_ms"]  # off the frame path
+    assert summary.stages["wait"]["p99_ms"] > 1  # a file waits for the worker (queue of 2): nothing is lost
+    # stopped mid-stream with views in flight: flush waits for them, every fruit in view is graded
+    stop = threading.Event()
+    summary, backend = _grade(conveyor, GradeConfig(), open_sinks(events=tmp_path / "s.jsonl"), delay_s=0.02,
+                              stop=stop, on_frame=lambda img, info: info.index == 119 and stop.set())
+    events = [GradeEvent.from_json(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert summary.stopped and summary.frames_processed == 120
+    assert len(events) == summary.fruit_graded >= 5 and summary.views == len(backend.rows)
+    assert [e.fruit_id for e in events] == list(range(1, len(events) + 1))
+
+
+def test_backend_failure_in_the_worker_is_a_backend_error_not_a_hang(conveyor):
+    class Flaky:
+        name = "flaky"
+
+        def __init__(self):
+            self.calls = 0
+
+        def infer(self, x):
+            self.calls += 1
+            if self.calls == 4:  # warm-up and two batches work, then the device goes away
+                raise RuntimeError("device lost")
+            return np.full((len(x), 3), 1 / 3, np.float32)
+
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match=r"'flaky' failed on a batch of \d+: RuntimeError: device lost"):
+        _grade(conveyor, GradeConfig(queue_depth=1), backend=Flaky())
+    assert time.monotonic() - t0 < 30
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name == "mnet-infer"]  # the worker is gone
+
+
+def test_views_zero_classifies_every_fruit_in_every_frame(conveyor):
+    _, truth, _ = conveyor
+    frames = []
+    summary, backend = _grade(conveyor, GradeConfig.from_options(views=0), on_frame=lambda i, info: frames.append(info))
+    assert summary.views == sum(len(i.boxes) for i in frames) == len(backend.rows)
+    assert backend.calls == 1 + sum(1 for i in frames if i.boxes)  # warm-up + one batch per frame with fruit
+    assert summary.fruit_graded == 20 and summary.grades == {g: [f["grade"] for f in truth["fruits"]].count(g)
+                                                             for g in CLASSES}

@@ -38,7 +38,7 @@ def test_mask_width_keeps_hd_frames_cheap_and_boxes_tight():
     img = _belt(7, (720, 1280))
     truth = _mango(img, 7, (640, 360), (110, 72), angle=-20.0)
     loc = Localizer()
-    assert loc.mask(img).shape == (180, 320)  # shrunk 4x, like a 640x480 frame 2x
+    assert loc.mask(img).shape == (90, 160)  # shrunk 8x, like a 640x480 frame 4x
     (b,) = loc(img)
     assert max(abs(b.x - truth.x), abs(b.y - truth.y), abs(b.x2 - truth.x2), abs(b.y2 - truth.y2)) <= 10
 
@@ -105,3 +105,23 @@ def test_config_errors_name_the_value():
         LocalizeConfig(min_area=0.6)
     with pytest.raises(ConfigError, match="outside"):
         Localizer(LocalizeConfig(roi=(400, 0, 10, 10)))(np.zeros((240, 320, 3), np.uint8))
+
+
+def test_downscaled_mask_finds_the_same_boxes_on_the_conveyor():
+    """The default 160 px mask (a 640x480 frame shrunk 4x: 16x fewer pixels) against a 320 px one with
+    the kernels at that scale: same fruit, same cut-off flags, boxes within 4 px, on a synthetic belt."""
+    from mnet.conveyor import plan_conveyor
+
+    plan = plan_conveyor(fruits=8, seed=2, size_wh=(640, 480))
+    fine = Localizer(LocalizeConfig(mask_width=320, open_px=3, close_px=7))
+    fast = Localizer()
+    compared = 0
+    for f in range(0, plan.frames, 4):
+        img, _ = plan.render(f)
+        a, b = fine(img), fast(img)
+        assert len(a) == len(b), f"frame {f}: {a} vs {b}"
+        for p, q in zip(a, b):
+            assert p.touches_edge == q.touches_edge, f"frame {f}: {p} vs {q}"
+            assert max(abs(p.x - q.x), abs(p.y - q.y), abs(p.x2 - q.x2), abs(p.y2 - q.y2)) <= 4, f"frame {f}"
+            compared += 1
+    assert compared > 50

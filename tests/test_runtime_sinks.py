@@ -73,7 +73,7 @@ def test_csv_rows_and_header_checks(tmp_path):
     sink.write(_ev(2, "B"))
     sink.close()
     rows = list(csv.DictReader(path.open()))
-    assert list(rows[0]) == ["fruit_id", "grade", "confidence", "p_A", "p_B", "p_C", "frames", "first_ts",
+    assert list(rows[0]) == ["fruit_id", "grade", "confidence", "p_A", "p_B", "p_C", "frames", "views", "first_ts",
                              "last_ts", "source", "model"]
     assert [(r["fruit_id"], r["grade"], float(r["p_B"])) for r in rows] == [("1", "A", 0.1), ("2", "B", 0.8)]
     again = CsvSink(path)  # appending with the same columns: no second header

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from mnet.runtime.localize import Box
@@ -52,7 +54,7 @@ FRUITS = [(0, 0, 100), (16, 1, 250), (30, 2, 180), (45, 0, 320), (58, 1, 120), (
 
 
 def test_one_event_per_fruit_in_exit_order_voting_on_whole_views():
-    tr = Tracker(3)
+    tr = Tracker(3, TrackerConfig(max_views=0))  # every frame votes
     events = _run(tr, _belt(FRUITS, 160))
     events += [(160, v) for v in tr.flush()]
     assert [v.fruit_id for _, v in events] == [1, 2, 3, 4, 5, 6]
@@ -131,3 +133,78 @@ def test_single_frame_mode_and_config_errors():
         TrackerConfig(direction=0)
     with pytest.raises(ConfigError, match="min_hits"):
         TrackerConfig(min_hits=0)
+
+
+def _views(tracker, frames, bounds=(0, W)):
+    """Drive step() like the grader does, taking every planned view: {uid: [(frame, box)]}, done list."""
+    views, done = {}, []
+    for f, (boxes, _probs) in enumerate(frames):
+        s = tracker.step(boxes, f / FPS, bounds)
+        for uid, di in s.keep:
+            tracker.keep(uid, (f, boxes[di]))
+        for uid, di, required in s.classify:
+            tracker.record_view(uid)
+            views.setdefault(uid, []).append((f, boxes[di], required))
+        done += [(f, uid, kept) for uid, kept in s.done]
+    return views, done + [(len(frames), uid, kept) for uid, kept in tracker.finish()]
+
+
+def test_view_budget_takes_few_spaced_whole_views_whose_crop_fits():
+    cfg = TrackerConfig(max_views=3, view_stride=7, view_margin=0.3)
+    views, done = _views(Tracker(3, cfg), _belt(FRUITS, 160))
+    assert len(views) == len(FRUITS) == len(done) and all(kept is None for _, _, kept in done)
+    for vs in views.values():
+        frames = [f for f, _, _ in vs]
+        assert len(vs) == 3 and all(b - a >= 7 for a, b in itertools.pairwise(frames))
+        # whole fruit, crop margin (30 px of a 100 px box) inside the frame, none forced
+        assert all(not b.touches_edge and b.x >= 30 and b.x2 <= W - 30 and not r for _, b, r in vs)
+    # deterministic: the same frames give the same views
+    assert _views(Tracker(3, cfg), _belt(FRUITS, 160))[0] == views
+
+
+def test_views_zero_means_every_box_of_every_frame():
+    frames = _belt(FRUITS[:2], 120)
+    views, _ = _views(Tracker(3, TrackerConfig(max_views=0)), frames)
+    assert sum(len(v) for v in views.values()) == sum(len(b) for b, _ in frames)
+
+
+def test_fruit_that_never_shows_whole_is_classified_on_its_best_partial_view():
+    # fruit 0 enters, then vanishes (taken off the belt) before it is ever whole; fruit 1 rides through
+    gone = lambda fid, f: fid == 0 and f >= 9
+    tr = Tracker(3, TrackerConfig(max_views=3))
+    views, done = _views(tr, _belt(FRUITS[:2], 120, hide=gone))
+    (_, uid0, kept0), (_, uid1, kept1) = done
+    assert uid0 not in views and kept0 is not None and kept1 is None and uid1 in views
+    f, box = kept0
+    assert f == 8 and box.touches_edge and box.w == 80  # the largest part seen, from the last frame it showed
+    v = tr.vote(uid0)  # probabilities of the kept view arrive, then the vote
+    assert v.fruit_id == 1 and v.reason == "lost"
+    tr2 = Tracker(3, TrackerConfig(max_views=3))
+    for f, (b, p) in enumerate(_belt(FRUITS[:1], 6)):
+        tr2.update(b, p, f / FPS, (0, W))
+    (v,) = tr2.flush()  # the stream ends while the fruit is still entering: voted on its partial view
+    assert v.voted_frames == 1 and int(np.argmax(v.probs)) == (FRUITS[0][1] + 1) % 3  # the edge class
+
+
+def test_trigger_line_near_the_entry_gets_a_view_on_the_crossing_frame():
+    tr = Tracker(3, TrackerConfig(max_views=3, trigger_x=30))
+    views, done = _views(tr, _belt(FRUITS[:3], 140))
+    assert len(done) == 3 and all(kept is None for _, _, kept in done)
+    for f, uid, _ in done:  # done at the line, with exactly one view taken there, required and partial
+        assert [(vf, r) for vf, b, r in views[uid] if vf <= f] == [(f, True)]
+        assert views[uid][0][1].touches_edge
+    # a trigger mid-belt: all views happen before the crossing and none is forced
+    views, done = _views(Tracker(3, TrackerConfig(max_views=3, trigger_x=400)), _belt(FRUITS[:3], 140))
+    for f, uid, _ in done:
+        assert len(views[uid]) >= 1 and all(vf <= f and not r for vf, _, r in views[uid])
+
+
+def test_view_budget_vote_uses_only_the_views_taken():
+    tr = Tracker(3, TrackerConfig(max_views=2, view_stride=4))
+    events = _run(tr, _belt(FRUITS[:3], 140))
+    assert [v.voted_frames for _, v in events] == [2, 2, 2] and [v.frames for _, v in events] == [71] * 3
+    assert [int(np.argmax(v.probs)) for _, v in events] == [c for _, c, _ in FRUITS[:3]]
+    with pytest.raises(ConfigError, match="max_views"):
+        TrackerConfig(max_views=-1)
+    with pytest.raises(ConfigError, match="view_stride"):
+        TrackerConfig(view_stride=0)

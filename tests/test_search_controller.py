@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mnet.arch import PRESETS, SearchSpace
 from mnet.errors import ConfigError
-from mnet.search.controller import Controller, ControllerConfig, Reinforce
+from mnet.search.controller import Controller, ControllerConfig, Reinforce, stream
 
 TINY = PRESETS["tiny"]
 # 2 layers x 3 ops: 3^2 x 3! = 54 architectures, few enough to enumerate
@@ -150,6 +150,55 @@ def test_state_dict_round_trip_continues_identically():
     assert a.sample()[0] == b.sample()[0]
     for k, v in a.controller.state_dict().items():
         assert torch.equal(v, b.controller.state_dict()[k]), k
+
+
+def test_sample_k_depends_on_seed_and_k_only():
+    """What lets N ranks draw their share of a batch and still sample what one process would."""
+    a = Reinforce(TINY, ControllerConfig(), seed=3)
+    with torch.no_grad():
+        fifth = a.sample(5)[0]
+        assert a.sample(5)[0] == fifth  # drawing does not advance anything
+        assert [a.sample(k)[0] for k in range(8)][5] == fifth  # nor does what was drawn before
+        assert a.sample()[0] == a.sample(0)[0]  # default: the next sample, index `step`
+        assert len({a.sample(k)[0] for k in range(8)}) > 4  # different k, different draws
+        b = Reinforce(TINY, ControllerConfig(), seed=4)
+        b.controller.load_state_dict(a.controller.state_dict())
+        assert [b.sample(k)[0] for k in range(8)] != [a.sample(k)[0] for k in range(8)]
+    assert torch.equal(torch.rand(3, generator=stream(-1, "x", 0)), torch.rand(3, generator=stream(-1, "x", 0)))
+    assert not torch.equal(torch.rand(3, generator=stream(0, "x", 0)), torch.rand(3, generator=stream(0, "y", 0)))
+
+
+def test_batch_update_averages_over_the_batch_against_the_baseline_before_it():
+    cfg = ControllerConfig(lr=0.05, baseline_decay=0.5, entropy_weight=0.01)
+    agent = Reinforce(TINY, cfg, seed=1)
+    agent.baseline = 0.4
+    ref = Reinforce(TINY, cfg, seed=1)
+    rewards = [0.9, 0.1, 0.6]
+    samples = [agent.sample(k) for k in range(3)]
+    s = agent.update_batch(rewards, [(i, lp, ent) for i, (_, lp, ent) in enumerate(samples)])
+    assert s["advantages"] == pytest.approx([0.5, -0.3, 0.2])  # all against b = 0.4
+    assert s["baselines"] == pytest.approx([0.65, 0.375, 0.4875])  # then the rewards one by one, in order
+    assert s["baseline"] == s["baselines"][-1] and agent.step == 3
+    # the same step by hand: mean of the per-sample REINFORCE losses, one Adam step
+    loss = 0
+    for k, adv in enumerate(s["advantages"]):
+        arch = samples[k][0]
+        lp, ent = ref.controller.log_prob(arch)
+        loss = loss + (-adv * lp - cfg.entropy_weight * ent) / 3
+    ref.optimizer.zero_grad()
+    loss.backward()
+    ref.optimizer.step()
+    for k, v in agent.controller.state_dict().items():
+        assert torch.allclose(v, ref.controller.state_dict()[k], atol=1e-6), k
+    # a batch of one is the paper's single-sample update
+    one, single = Reinforce(TINY, cfg, seed=2), Reinforce(TINY, cfg, seed=2)
+    _, lp, ent = one.sample()
+    a = one.update_batch([0.7], [(0, lp, ent)])
+    _, lp, ent = single.sample()
+    b = single.update(lp, ent, 0.7)
+    assert (a["advantages"][0], a["baseline"]) == (b["advantage"], b["baseline"])
+    for k, v in one.controller.state_dict().items():
+        assert torch.equal(v, single.controller.state_dict()[k]), k
 
 
 def test_config_validation_names_the_option():

@@ -6,19 +6,21 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from mnet.search.controller import ControllerConfig
+from mnet.search.derive import derive_run
+from mnet.search.enas import SearchConfig, search, split_train_val
 
 from mnet.arch import Arch
 from mnet.data import Dataset, Split
 from mnet.errors import CheckpointError, ConfigError
 from mnet.preprocess import Preprocess
-from mnet.search.controller import ControllerConfig
-from mnet.search.derive import derive_run
-from mnet.search.enas import SearchConfig, search, split_train_val
 
 CFG = SearchConfig(preset="tiny", supernet_epochs=2, batch_size=8, derive_samples=4, topk=3,
                    controller=ControllerConfig(steps=6), checkpoint_every=4, device="cpu")
 ALT = SearchConfig(**{**CFG.__dict__, "schedule": "alternating"})
 RANDOM = SearchConfig(**{**CFG.__dict__, "strategy": "random"})
+# 3 updates of 2 architectures; a save every 3 architectures falls inside an update, so it happens at its end
+BATCH = SearchConfig(**{**CFG.__dict__, "controller_batch": 2, "checkpoint_every": 3})
 
 
 def _half_reward(arch, acc):
@@ -31,7 +33,7 @@ def _every_other_dense(model, batch=128, **_):
     from mnet.search.ops import SepConv
 
     for i, m in enumerate(x for x in model.modules() if isinstance(x, SepConv)):
-        m.dense = i % 2 == 1
+        m.impl = "dense" if i % 2 else "conv"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,6 +59,7 @@ def runs(colour_data, splits, tmp_path_factory):
     search(colour_data, root / "two-stage", CFG, splits=splits, plots=True)
     search(colour_data, root / "alternating", ALT, splits=splits, reward=_half_reward, plots=False)
     search(colour_data, root / "random", RANDOM, splits=splits, plots=False)
+    search(colour_data, root / "batch", BATCH, splits=splits, plots=False)
     return root
 
 
@@ -117,7 +120,8 @@ def test_two_stage_writes_every_file(runs):
 
     net, raw = load_supernet(run / "supernet.pt")
     assert raw["position"]["epoch"] == 2 and net.space.name == "tiny"
-    assert raw["dense"] == [i % 2 == 1 for i in range(80)] == [c.dense for layer in net.cells for c in layer]
+    assert raw["depthwise"] == ["dense" if i % 2 else "conv" for i in range(80)] == [c.impl for layer in net.cells
+                                                                                      for c in layer]
     assert torch.load(run / "controller.pt", weights_only=True)["agent"]["step"] == 6
 
 
@@ -168,6 +172,28 @@ def test_alternating_kill_and_resume_is_exact(colour_data, splits, runs, tmp_pat
     _assert_same_run(runs / "alternating", out)
 
 
+def test_controller_batch_logs_every_scored_architecture(runs):
+    ctl = [r for r in _records(runs / "batch") if r["stage"] == "controller"]
+    # controller_steps counts scored architectures: 6 lines, 3 updates of 2
+    assert [(r["step"], r["update"]) for r in ctl] == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3)]
+    for a, b in zip(ctl[::2], ctl[1::2]):  # both samples of an update measured against the same baseline
+        assert a["reward"] - a["advantage"] == pytest.approx(b["reward"] - b["advantage"])
+    assert ctl[0]["advantage"] == 0.0  # the baseline starts at the first reward
+    assert torch.load(runs / "batch" / "controller.pt", weights_only=True)["agent"]["step"] == 6
+    # sample k is drawn from (seed, k) alone: the batched run's first architecture is the unbatched run's
+    first = next(r for r in _records(runs / "two-stage") if r["stage"] == "controller")
+    assert (first["arch"], first["reward"]) == (ctl[0]["arch"], ctl[0]["reward"])
+
+
+def test_controller_batch_kill_and_resume_is_exact(colour_data, splits, runs, tmp_path):
+    out = tmp_path / "cut"
+    with pytest.raises(RuntimeError):  # a crash in update 3: the save after update 2 (step 4 >= 3) is left
+        search(colour_data, out, BATCH, splits=splits, plots=False, progress=_stop_at("controller", 5, RuntimeError))
+    assert torch.load(out / "controller.pt", weights_only=True)["agent"]["step"] == 4
+    search(colour_data, out, BATCH, splits=splits, plots=False, resume=True)
+    _assert_same_run(runs / "batch", out)
+
+
 def test_derive_repeats_the_search_and_argmax(colour_data, splits, runs, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(runs / "two-stage", run)
@@ -203,6 +229,10 @@ def test_config_validation_names_the_option():
         SearchConfig(strategy="random", schedule="alternating")
     with pytest.raises(ConfigError, match="preset"):
         SearchConfig(preset="huge")
+    with pytest.raises(ConfigError, match="--controller-batch = 4: .*multiple"):
+        SearchConfig(controller=ControllerConfig(steps=6), controller_batch=4)
+    with pytest.raises(ConfigError, match="--controller-batch"):
+        SearchConfig(controller_batch=0)
     cfg = SearchConfig.from_json(json.loads(json.dumps(CFG.to_json())))
     assert cfg == CFG
 

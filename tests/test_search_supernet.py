@@ -8,14 +8,13 @@ import torch
 from mnet.arch import PRESETS, Arch, Layer
 from mnet.errors import CheckpointError, ConfigError
 from mnet.search.checkpoint import save_checkpoint
+from mnet.search.depthwise import depthwise_impls, set_depthwise_impls
 from mnet.search.model import MNet
 from mnet.search.supernet import (
     Supernet,
     batch_stats,
-    dense_flags,
     load_supernet,
     recalibrate_bn,
-    set_dense_flags,
 )
 
 TINY = PRESETS["tiny"]
@@ -76,16 +75,16 @@ def test_path_equals_standalone_eval_and_train(supernet, arch):
 def test_child_uses_the_same_depthwise_implementation(supernet):
     arch = ARCHS[3]
     for i, op in enumerate(supernet.path(arch)):
-        op.dense = i % 2 == 0
+        op.impl = ("dense", "fft", "conv", "dense")[i]
     try:
         child = supernet.child(arch).eval()
-        assert [c.dense for c in child.cells] == [True, False, True, False]
+        assert [c.impl for c in child.cells] == ["dense", "fft", "conv", "dense"]
         x = torch.randn(4, 3, 24, 32)
         with torch.no_grad():
             assert torch.equal(supernet.eval()(x, arch), child(x))
     finally:
         for op in supernet.path(arch):
-            op.dense = False
+            op.impl = "conv"
 
 
 def test_child_state_dict_names_and_copies(supernet):
@@ -132,18 +131,18 @@ def test_recalibrate_is_the_exact_mean_over_batches():
 
 
 def test_load_supernet_round_trip(supernet, tmp_path):
-    flags = [i % 3 == 0 for i in range(80)]
+    impls = [("conv", "dense", "fft")[i % 3] for i in range(80)]
     save_checkpoint(tmp_path / "supernet.pt", {"kind": "supernet", "space": TINY.to_json(),
-                                               "model": supernet.state_dict(), "dense": flags})
+                                               "model": supernet.state_dict(), "depthwise": impls})
     net, _ = load_supernet(tmp_path / "supernet.pt")
-    assert net.space == TINY and dense_flags(net) == flags
+    assert net.space == TINY and depthwise_impls(net) == impls
     x = torch.randn(2, 3, 24, 32)
-    set_dense_flags(supernet, flags)
+    set_depthwise_impls(supernet, impls)
     try:
         with torch.no_grad():
-            assert torch.equal(net.eval()(x, ARCHS[0]), supernet.eval()(x, ARCHS[0]))
+            torch.testing.assert_close(net.eval()(x, ARCHS[0]), supernet.eval()(x, ARCHS[0]), rtol=0, atol=0)
     finally:
-        set_dense_flags(supernet, [False] * 80)
+        set_depthwise_impls(supernet, ["conv"] * 80)
     save_checkpoint(tmp_path / "other.pt", {"kind": "mnet"})
     with pytest.raises(CheckpointError, match="not an mnet supernet"):
         load_supernet(tmp_path / "other.pt")

@@ -32,6 +32,8 @@ def grade(
     input_size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH before localising.")] = None,
     fps_limit: Annotated[Optional[float], typer.Option(help="Process at most this many frames per second.")] = None,
     latency_budget_ms: Annotated[Optional[float], typer.Option(help="Warn when a frame takes longer.")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Classified views per fruit, spaced along the belt "
+                                                 "(default 3); 0 = every frame it is seen.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime CPU threads.")] = None,
     summary_json: Annotated[Optional[Path], typer.Option("--summary", help="Write the summary JSON here.")] = None,
 ) -> None:
@@ -46,7 +48,7 @@ def grade(
     b = load_bundle(bundle)
     net = open_backend(b, backend, precision, threads=threads)
     cfg = GradeConfig.from_options(roi=roi, trigger_x=trigger_x, full_frame=full_frame, input_size=input_size,
-                                   fps_limit=fps_limit, latency_budget_ms=latency_budget_ms)
+                                   fps_limit=fps_limit, latency_budget_ms=latency_budget_ms, views=views)
     to_stdout = events == "-"
     sinks = open_sinks(events=None if to_stdout else events, csv_path=csv, mqtt=mqtt, save=save,
                        stream=sys.stdout if to_stdout else None)

@@ -20,7 +20,12 @@ def search(
     schedule: Annotated[str, typer.Option(help="two-stage (supernet, then controller; paper) or alternating "
                                                "(original ENAS).")] = "two-stage",
     supernet_epochs: Annotated[int, typer.Option(help="Supernet epochs (paper: 100).")] = 100,
-    controller_steps: Annotated[int, typer.Option(help="Controller steps (paper: 5000).")] = 5000,
+    controller_steps: Annotated[int, typer.Option(help="Controller steps = architectures sampled and scored, "
+                                                  "one validation minibatch each (paper: 5000).")] = 5000,
+    controller_batch: Annotated[int, typer.Option(help="Architectures per controller update (REINFORCE "
+                                                  "averaged over them; paper: 1). Global under torchrun: the "
+                                                  "ranks score them in parallel, so a multiple of the ranks "
+                                                  "makes the controller phase N× faster.")] = 1,
     derive_samples: Annotated[int, typer.Option(help="Architectures sampled and scored to pick the result.")] = 100,
     controller_lr: Annotated[float, typer.Option(help="Controller Adam learning rate (paper: 0.1, which commits "
                                                       "the policy within tens of noisy rewards; the default is "
@@ -33,8 +38,9 @@ def search(
     amp: Annotated[bool, typer.Option(help="Mixed precision (bf16 where supported).")] = False,
     compile_ops: Annotated[bool, typer.Option("--compile", help="torch.compile each supernet op module (GPU; "
                                               "a one-off compile time, faster steps).")] = False,
-    fast_depthwise: Annotated[bool, typer.Option(help="Time conv vs the exact dense depthwise form per op once "
-                                                      "and use the faster (minutes on a CPU, pays off).")] = True,
+    fast_depthwise: Annotated[bool, typer.Option(help="Time conv vs the exact dense and FFT depthwise forms per "
+                                                      "op shape once and use the fastest (minutes on a CPU, pays "
+                                                      "off).")] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the search in OUT (same options).")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
@@ -66,6 +72,7 @@ def search(
     cfg = SearchConfig(preset=preset, strategy=strategy, schedule=schedule, supernet_epochs=supernet_epochs,
                        derive_samples=derive_samples, batch_size=batch_size, lr=lr, bn=bn, val_fraction=val_fraction,
                        controller=ControllerConfig(steps=controller_steps, lr=controller_lr),
+                       controller_batch=controller_batch,
                        seed=seed, device=device, amp=amp, fast_depthwise=fast_depthwise,
                        compile=compile_ops)
     splits = _load_with_progress(data, Preprocess(get_preset(preset).input_hw), strict, ("train",))
