@@ -20,6 +20,8 @@ faster than its fp32 one, so the INT8 speed-up on CPU depends on the architectur
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -121,16 +123,21 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         quant_pre_process(str(b.onnx_path), str(prepped))
         reader = _Reader(pre.normalize(images), b.card.batch or batch_size, b.card.input_name,
                          fixed=b.card.batch is not None, equal=method != "minmax")
-        quantize_static(
-            str(prepped), str(quantized), reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[method],
-            extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
-        )
+        # onnxruntime's histogram calibrators print() their progress; only the CLI may write to stdout
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
+            quantize_static(
+                str(prepped), str(quantized), reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[method],
+                extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
+            )
+        if chatter.getvalue().strip():
+            log.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
         counts = qdq_node_counts(quantized)
         if not counts["QuantizeLinear"] or not counts["DequantizeLinear"]:
             raise ExportError(f"quantisation produced no Q/DQ nodes ({counts}); the model was not quantised")

@@ -85,9 +85,11 @@ def test_cli_calibrate_int8_prints_table_and_warning(colour_data, tmp_path_facto
     assert int8["method"] == "percentile" and int8["per_channel"] is False and int8["calibration_images"] == 40
 
 
-def test_uint8_activations_are_marked_not_for_tensorrt(colour_data, tmp_path_factory, tmp_path):
+def test_uint8_activations_are_marked_not_for_tensorrt(colour_data, tmp_path_factory, tmp_path, capfd):
     b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    capfd.readouterr()
     report = calibrate_int8(b, colour_data, samples=32, activations="uint8", method="entropy")
+    assert capfd.readouterr().out == ""  # onnxruntime's histogram calibrator prints; library code must not
     assert report.tensorrt_compatible is False
     with open_backend(b, "onnxruntime", "int8") as be:
         assert be.precision == "int8" and be.infer(

@@ -81,8 +81,9 @@ def grade(
     t = Table(title="grading summary" + (" (stopped)" if s.get("stopped") else ""))
     t.add_column("what")
     t.add_column("value", justify="right")
-    for key in ("frames_read", "frames_processed", "frames_dropped", "fruit_graded", "input_fps", "processed_fps"):
-        if key in s:
+    for key in ("frames_read", "frames_processed", "frames_dropped", "fruit_graded", "views", "views_skipped",
+                "input_fps", "processed_fps"):
+        if key in s and not (key == "views_skipped" and not s[key]):  # skips happen only on live sources
             v = s[key]
             t.add_row(key.replace("_", " "), f"{v:.1f}" if isinstance(v, float) else str(v))
     for grade_name, n in (s.get("grades") or {}).items():

@@ -35,6 +35,8 @@ def train(
     amp: Annotated[bool, typer.Option(help="Mixed precision (bf16 where supported).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPU; a one-off "
                                                 "compile time, faster epochs).")] = False,
+    fast_depthwise: Annotated[bool, typer.Option(help="MNet: time conv vs the exact dense and FFT depthwise "
+                                                      "forms per layer shape once and use the fastest.")] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (same options).")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on unreadable images instead of skipping them.")] = False,
@@ -53,7 +55,7 @@ def train(
         raise ConfigError("give exactly one of --arch ARCH.json (an MNet) or --model NAME (a torchvision baseline)")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                       lr_schedule=lr_schedule, flip_p=flip_p, dropout=dropout, device=device, amp=amp, seed=seed,
-                      compile=compile_model)
+                      compile=compile_model, fast_depthwise=fast_depthwise)
     if arch is not None:
         a = Arch.from_json(read_json(arch, "arch.json"))
         pre = Preprocess(a.input_hw)
