@@ -25,6 +25,7 @@ from mnet.arch import Arch, SearchSpace
 from mnet.errors import ConfigError
 from mnet.io import write_json
 from mnet.search.controller import Controller
+from mnet.search.distributed import SINGLE, Dist
 from mnet.search.supernet import Evaluator, RewardFn
 
 __all__ = ["Candidate", "best_of_n", "derive", "derive_meta", "write_derived", "derive_run", "DERIVE_SEED_OFFSET"]
@@ -50,22 +51,34 @@ class Candidate:
 
 
 def best_of_n(propose: Propose, evaluator: Evaluator, n: int, batch: tuple[torch.Tensor, torch.Tensor],
-              on_sample: OnSample = None) -> list[Candidate]:
-    """Propose `n` architectures, score each on `batch`, return the distinct ones best first."""
-    scored: dict[Arch, Candidate] = {}
-    for i in range(1, n + 1):
+              on_sample: OnSample = None, dist: Dist = SINGLE) -> list[Candidate]:
+    """Propose `n` architectures, score each on `batch`, return the distinct ones best first.
+
+    Under torchrun every rank draws the same `n` proposals (cheap) and scores every N-th distinct one;
+    the candidates are gathered, so every rank returns the same list N× sooner. `on_sample(i, total)`
+    counts this rank's scored architectures."""
+    proposals: dict[Arch, float | None] = {}  # a repeat has the same score on the same batch: score once
+    for _ in range(n):
         arch, log_p = propose()
-        if arch not in scored:  # a repeat has the same score on the same batch
-            s = evaluator(arch, batch)
-            scored[arch] = Candidate(arch, s.reward, s.accuracy, log_p, s.extras)
+        proposals.setdefault(arch, log_p)
+    mine = list(proposals.items())[dist.rank::dist.world_size]
+    scored = []
+    for i, (arch, log_p) in enumerate(mine, 1):
+        s = evaluator(arch, batch)
+        scored.append(Candidate(arch, s.reward, s.accuracy, log_p, s.extras))
         if on_sample is not None:
-            on_sample(i, n)
-    return sorted(scored.values(), key=lambda c: (-c.reward, -(c.log_prob if c.log_prob is not None else 0.0)))
+            on_sample(i, len(mine))
+    everyone = [c for part in dist.all_gather(scored) for c in part]
+    # ties: the more probable architecture first, then the order it was proposed in (stable sort)
+    order = {arch: i for i, arch in enumerate(proposals)}
+    everyone.sort(key=lambda c: order[c.arch])
+    return sorted(everyone, key=lambda c: (-c.reward, -(c.log_prob if c.log_prob is not None else 0.0)))
 
 
 def derive(space: SearchSpace, evaluator: Evaluator, controller: Controller | None, *, samples: int,
-           argmax: bool = False, seed: int = 0, on_sample: OnSample = None) -> list[Candidate]:
-    """Candidates best first: from `controller`'s policy, or uniformly from `space` when it is None."""
+           argmax: bool = False, seed: int = 0, on_sample: OnSample = None, dist: Dist = SINGLE) -> list[Candidate]:
+    """Candidates best first: from `controller`'s policy, or uniformly from `space` when it is None.
+    Under torchrun (`dist`) the ranks share the scoring (best_of_n)."""
     batch = evaluator.val_data.sample_batch(evaluator.batch_size,
                                             torch.Generator().manual_seed(seed + DERIVE_SEED_OFFSET))
     if argmax:
@@ -91,7 +104,7 @@ def derive(space: SearchSpace, evaluator: Evaluator, controller: Controller | No
 
         def propose() -> tuple[Arch, float | None]:
             return space.sample(rng), None
-    return best_of_n(propose, evaluator, samples, batch, on_sample)
+    return best_of_n(propose, evaluator, samples, batch, on_sample, dist)
 
 
 def write_derived(out: str | os.PathLike, candidates: list[Candidate], meta: dict[str, Any], topk: int = 10

@@ -301,10 +301,10 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
     t0 = time.time()
     n = cfg.derive_budget
     candidates = derive(space, evaluator, agent.controller if agent else None, samples=n, seed=cfg.seed,
-                        on_sample=lambda i, total: report("derive", i, total, {}))
+                        on_sample=lambda i, total: report("derive", i, total, {}), dist=dist)
     if dist.is_main:
         best = write_derived(out, candidates, derive_meta(cfg.strategy, n, False, cfg), cfg.topk)
-    else:  # every rank derived the same candidates; only rank 0 writes them
+    else:  # every rank holds the same gathered candidates; only rank 0 writes them
         best = candidates[0]  # sorted best first, as write_derived takes it
     seconds = files.finish(trainer, agent, best, time.time() - t0, device, plots, dist.world_size)
     return SearchResult(out, best.arch, best, seconds, str(device))

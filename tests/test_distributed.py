@@ -270,6 +270,10 @@ def test_controller_on_2_ranks_equals_one_process(colour_data, supernet_run, two
     # steps: one process summing the same two per-sample gradients in the other order ends 3e-5 away
     # (measured, lr 0.02, 4 updates); a wrong semantics moves by > 1e-2 (below)
     assert _max_diff(one, two) < 1e-4
+    # derivation: the ranks scored alternate candidates and gathered them, one process scored them all
+    top1, top2 = (json.loads((r / "topk.json").read_text()) for r in (one_run, two_rank_search))
+    assert len(top1) > 1 and [(c["arch"], c["reward"], c["accuracy"]) for c in top1] == \
+        [(c["arch"], c["reward"], c["accuracy"]) for c in top2]
     # not vacuous: the policy moved far beyond that tolerance, and one architecture per update (the
     # paper's batch) with the same budget ends elsewhere
     init = enas.Reinforce(_space(supernet_run), SEARCH.controller, SEARCH.seed + enas._AGENT_SEED)
