@@ -6,8 +6,8 @@ count. Noisy neighbours on a shared CPU only ever slow a run down, so each varia
 minimum over `--rounds` interleaved rounds of the median of `--reps` calls.
 
 Every variant runs through what the runtime uses: `open_backend(bundle, backend, precision)` and
-`Backend.infer` (the torch backend rebuilds the checkpoint's conv model; "torch_dense" is the same
-model with the faster exact dense depthwise form chosen per layer by `select_depthwise`, a reference).
+`Backend.infer` (the torch backend rebuilds the checkpoint's conv model; "torch_fast" is the same
+model with the exact conv/dense/FFT depthwise form chosen per layer by `select_depthwise`, a reference).
 INT8 is ONNX Runtime static QDQ quantisation (`mnet calibrate int8`): the default S8S8 (symmetric int8,
 TensorRT-compatible) and the U8S8 variant (asymmetric uint8 activations, ORT CPU only) for comparison.
 
@@ -106,8 +106,8 @@ def _time_preset(preset: str, work: Path, data: Path, threads: int, reps: int, r
         # timing only: 64 images give realistic ranges; accuracy is measured on the trained model below
         calibrate_int8(b.path, data, samples=64, activations=act)
         bundles[act] = b.path
-    dense = MNet(arch).eval()
-    dense.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    fast = MNet(arch).eval()
+    fast.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
     backends = {"torch": open_backend(bundles["int8"], "torch"),
                 "ort_fp32": open_backend(bundles["int8"], "onnxruntime", "fp32", providers="cpu", threads=threads),
                 "ort_int8": open_backend(bundles["int8"], "onnxruntime", "int8", providers="cpu", threads=threads),
@@ -118,17 +118,17 @@ def _time_preset(preset: str, work: Path, data: Path, threads: int, reps: int, r
     for batch in (1, 32):
         x = np.random.default_rng(batch).normal(size=(batch, 3, *arch.input_hw)).astype(np.float32)
         tx = torch.from_numpy(x)
-        counts = select_depthwise(dense, batch=batch, backward=False)  # the faster torch form per layer
+        counts = select_depthwise(fast, batch=batch, backward=False)  # the faster torch form per layer
 
-        def torch_dense(tx=tx):
+        def torch_fast(tx=tx):
             with torch.inference_mode():
-                dense(tx)
+                fast(tx)
 
         fns = {k: (lambda be=be, x=x: be.infer(x)) for k, be in backends.items()}
-        fns["torch_dense"] = torch_dense
+        fns["torch_fast"] = torch_fast
         ms = _interleaved(fns, reps=reps if batch == 1 else 3, rounds=rounds)
         out["latency_ms"][f"b{batch}"] = ms
-        out[f"dense_layers_b{batch}"] = counts["dense"]
+        out[f"torch_fast_impls_b{batch}"] = counts
     for be in backends.values():
         be.close()
     if profile:
@@ -139,7 +139,7 @@ def _time_preset(preset: str, work: Path, data: Path, threads: int, reps: int, r
     for b in ("b1", "b32"):
         ms = out["latency_ms"][b]
         r[f"ort_over_torch_{b}"] = ms["torch"] / ms["ort_fp32"]
-        r[f"ort_over_torch_dense_{b}"] = ms["torch_dense"] / ms["ort_fp32"]
+        r[f"ort_over_torch_fast_{b}"] = ms["torch_fast"] / ms["ort_fp32"]
         r[f"int8_over_fp32_{b}"] = ms["ort_fp32"] / ms["ort_int8"]
         r[f"int8_u8s8_over_fp32_{b}"] = ms["ort_fp32"] / ms["ort_int8_u8s8"]
     out["ratios"] = r

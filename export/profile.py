@@ -105,14 +105,17 @@ class OrtProfile:
 def profile_onnx(model: str | os.PathLike, batch: int = 1, *, threads: int = 1, runs: int = 20, warmup: int = 5,
                  x: np.ndarray | None = None, session_config: dict[str, str] | None = None) -> OrtProfile:
     """Profile `model` on ONNX Runtime's CPU provider with random (or the given NCHW float32) input."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendError(f"profiling needs onnxruntime ({e}); pip install onnxruntime") from None
 
     if batch < 1 or runs < 1 or warmup < 0 or threads < 1:
         raise ConfigError(f"profile_onnx: batch {batch}, runs {runs}, warmup {warmup}, threads {threads}: "
                           "expected batch, runs, threads >= 1 and warmup >= 0")
     model = Path(model)
     if not model.is_file():
-        raise BackendError(f"ONNX model not found: {model}")
+        raise ConfigError(f"ONNX model not found: {model}")
     with tempfile.TemporaryDirectory(prefix="mnet-ort-profile-") as tmp:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -124,7 +127,7 @@ def profile_onnx(model: str | os.PathLike, batch: int = 1, *, threads: int = 1, 
         try:
             sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own exception types
-            raise BackendError(f"{model}: onnxruntime cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
+            raise BackendError(f"{model}: onnxruntime cannot load it ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})") from None
         inp = sess.get_inputs()[0]
         if x is None:
             shape = [batch, *[d if isinstance(d, int) else 1 for d in inp.shape[1:]]]

@@ -1,6 +1,6 @@
 """The grade event: one JSON object per graded fruit (events.jsonl, CSV rows, MQTT payloads).
 
-    {"schema_version": 1, "fruit_id": 7, "grade": "A", "confidence": 0.91,
+    {"schema_version": 2, "fruit_id": 7, "grade": "A", "confidence": 0.91,
      "probs": {"A": 0.91, "B": 0.07, "C": 0.02}, "frames": 23, "views": 3,
      "first_ts": 12.40, "last_ts": 13.13, "source": "belt.mp4", "model": "mnet-24-32@3f2a…"}
 
@@ -22,12 +22,12 @@ from mnet.errors import ConfigError
 
 __all__ = ["EVENT_FIELDS", "EVENT_SCHEMA_VERSION", "GradeEvent"]
 
-EVENT_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION = 2  # 2 added `views`; version-1 events (without it) still read
+_READABLE_VERSIONS = (1, 2)
 # The JSON field order written by to_json (and the CSV column order, probs expanded per class).
 EVENT_FIELDS = ("schema_version", "fruit_id", "grade", "confidence", "probs", "frames", "views",
                 "first_ts", "last_ts", "source", "model")
-# Added after schema 1 was published: events written before it lack the field and still read (views=None).
-_OPTIONAL_FIELDS = {"schema_version", "views"}
+_V1_FIELDS = tuple(k for k in EVENT_FIELDS if k != "views")
 # Averaged softmax outputs sum to 1 up to float32 rounding; anything further off is not a distribution.
 _PROB_SUM_TOL = 1e-3
 _CONF_TOL = 1e-6
@@ -56,12 +56,12 @@ class GradeEvent:
     last_ts: float
     source: str
     model: str
-    views: int | None = None  # classified crops in the vote; None in events written before views existed
+    views: int | None = None  # classified crops in the vote; None only in version-1 events
     schema_version: int = EVENT_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        if self.schema_version != EVENT_SCHEMA_VERSION:
-            raise _bad("schema_version", self.schema_version, f"{EVENT_SCHEMA_VERSION}")
+        if self.schema_version not in _READABLE_VERSIONS or isinstance(self.schema_version, bool):
+            raise _bad("schema_version", self.schema_version, f"one of {list(_READABLE_VERSIONS)}")
         if isinstance(self.fruit_id, bool) or not isinstance(self.fruit_id, int) or self.fruit_id < 0:
             raise _bad("fruit_id", self.fruit_id, "an integer >= 0")
         if not isinstance(self.probs, Mapping) or not self.probs:
@@ -86,8 +86,10 @@ class GradeEvent:
         object.__setattr__(self, "confidence", conf)
         if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
             raise _bad("frames", self.frames, "an integer >= 1")
-        if self.views is not None and (isinstance(self.views, bool) or not isinstance(self.views, int)
-                                       or not 1 <= self.views <= self.frames):
+        if self.schema_version == 1:
+            if self.views is not None:
+                raise _bad("views", self.views, "no value in a version-1 event (the field came with version 2)")
+        elif isinstance(self.views, bool) or not isinstance(self.views, int) or not 1 <= self.views <= self.frames:
             raise _bad("views", self.views, f"an integer in 1..frames ({self.frames})")
         first, last = _finite("first_ts", self.first_ts), _finite("last_ts", self.last_ts)
         if last < first:
@@ -100,17 +102,17 @@ class GradeEvent:
 
     @classmethod
     def from_probs(cls, fruit_id: int, probs: Mapping[str, float], *, frames: int, first_ts: float,
-                   last_ts: float, source: str, model: str, views: int | None = None) -> GradeEvent:
+                   last_ts: float, source: str, model: str, views: int) -> GradeEvent:
         """Build an event from a class -> probability vote; grade and confidence are its argmax."""
         # 6 digits keep lines short; the rounding error (< 1e-5 summed) is far inside the sum check.
         probs = {str(k): round(float(v), 6) for k, v in probs.items()}
         grade = max(probs, key=probs.__getitem__)
         return cls(fruit_id=int(fruit_id), grade=grade, confidence=probs[grade], probs=probs,
-                   frames=int(frames), views=None if views is None else int(views), first_ts=float(first_ts),
+                   frames=int(frames), views=int(views), first_ts=float(first_ts),
                    last_ts=float(last_ts), source=str(source), model=str(model))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "schema_version": self.schema_version,
             "fruit_id": self.fruit_id,
             "grade": self.grade,
@@ -123,6 +125,9 @@ class GradeEvent:
             "source": self.source,
             "model": self.model,
         }
+        if self.schema_version == 1:  # a version-1 event read back is written back as it was
+            del d["views"]
+        return d
 
     def to_line(self) -> str:
         """One compact JSON line without the newline (JSONL, MQTT payload, stdout)."""
@@ -137,10 +142,11 @@ class GradeEvent:
                 raise ConfigError(f"grade event: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"grade event must be a JSON object, got {type(d).__name__}")
-        missing = [k for k in EVENT_FIELDS if k not in d and k not in _OPTIONAL_FIELDS]
+        fields = _V1_FIELDS if d.get("schema_version") == 1 else EVENT_FIELDS
+        missing = [k for k in fields if k not in d and k != "schema_version"]
         if missing:
             raise ConfigError(f"grade event is missing field(s) {missing}")
-        unknown = sorted(set(d) - set(EVENT_FIELDS))
+        unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise ConfigError(f"grade event has unknown field(s) {unknown}; expected {list(EVENT_FIELDS)}")
-        return cls(**{k: d[k] for k in EVENT_FIELDS if k in d})
+            raise ConfigError(f"grade event has unknown field(s) {unknown}; expected {list(fields)}")
+        return cls(**{k: d[k] for k in fields if k in d})

@@ -278,6 +278,10 @@ class _Worker:
                 if not self._thread.is_alive():
                     return False  # it failed: the caller's next collect() raises its error
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def collect(self, wait: bool = False) -> list[_Job]:
         """Finished jobs in submit order; `wait`: block until at least one is back (if any is in flight)."""
         out = []
@@ -326,8 +330,10 @@ class Grader:
         # Injectable so another detector (or a test's recording wrapper) can stand in for the HSV one.
         self.localizer = localizer if localizer is not None else Localizer(config.localize)
         self._aspect = preprocess.input_hw[1] / preprocess.input_hw[0]  # crops match the model input
-        # A view must fit its crop margin in the frame: one margin, the one the crops are cut with.
-        self.tracker = Tracker(len(self.classes), replace(config.tracker, view_margin=config.margin))
+        # A view's crop must fit in the frame: the tracker tests the very rectangle the crops are cut
+        # with (localize.crop_rect), so it needs the same margin and aspect.
+        self.tracker = Tracker(len(self.classes), replace(config.tracker, view_margin=config.margin,
+                                                          view_aspect=self._aspect))
         self.samples = {s: _Samples() for s in STAGES}
         self.processed = 0
         self.graded = 0
@@ -386,7 +392,8 @@ class Grader:
 
     def _event(self, v: FruitVote) -> GradeEvent:
         e = GradeEvent.from_probs(v.fruit_id, dict(zip(self.classes, v.probs.tolist())), frames=v.frames,
-                                  views=v.voted_frames, first_ts=v.first_ts, last_ts=v.last_ts, source=self.source, model=self.model)
+                                  views=v.voted_frames, first_ts=v.first_ts, last_ts=v.last_ts,
+                                  source=self.source, model=self.model)
         self.graded += 1
         self.grades[e.grade] += 1
         self.last_event = e
@@ -398,12 +405,21 @@ class Grader:
         return crop(frame, box, self.config.margin, self._aspect)
 
     def _submit(self, crops: list[np.ndarray], targets: list[tuple], required: bool) -> bool:
+        """Queue one backend call; False only when a live source skips an optional view (worker busy).
+
+        A refusal because the worker died raises its real error here: otherwise the caller would go
+        on as if the views were taken (a required view missing, a vote with nothing in it) or count
+        a dead worker as a busy one.
+        """
         job = _Job(self.preprocess.batch(crops), targets)
         t0 = time.perf_counter()
         ok = self._worker.submit(job, block=required or self.block_views)
         self._wait_ms += (time.perf_counter() - t0) * 1e3
         if not ok:
-            return False
+            if self._worker.alive:
+                return False
+            self._collect(wait=True)  # raises the failed call's BackendError
+            raise BackendError(f"backend {self.backend.name!r}: the inference worker stopped")
         self.views += len(targets)
         for t in targets:
             if t[0] == "track":
@@ -420,7 +436,11 @@ class Grader:
             for row, t in zip(job.probs, job.targets):
                 if t[0] == "track":
                     self.tracker.add_probs(t[1], row, t[2])
-                    self._pending[t[1]] -= 1
+                    # Dropped at zero: a discarded track (--views 0) is never voted, so _ready never pops it.
+                    if self._pending[t[1]] == 1:
+                        del self._pending[t[1]]
+                    else:
+                        self._pending[t[1]] -= 1
 
     def _ready(self) -> list[GradeEvent]:
         """Events of done fruit whose views are all back, from the head of the exit-order queue."""
@@ -445,7 +465,7 @@ class Grader:
             if kept is not None:  # no view yet: classify the best one it showed
                 frame, box = kept
                 self._submit([self._crop(frame, box)], [("track", uid, box.touches_edge)], required=True)
-                self.tracker.record_view(uid)
+                self.tracker.record_view(uid)  # required: _submit queued it or raised
             self._due.append([uid, None])
 
     def process(self, frame: np.ndarray, ts: float) -> tuple[list[GradeEvent], list[Box], dict[str, float]]:
@@ -456,9 +476,10 @@ class Grader:
         boxes = self.localizer(frame)
         t1 = clock()
         if self.config.localize.full_frame:
+            t2 = t1  # no tracking before the crop: crop + preprocess + submit is all preprocess (less wait)
             if boxes:
                 self._submit([self._crop(frame, boxes[0])], [("single", boxes[0], ts)], required=True)
-            t2 = t3 = clock()
+            t3 = clock()
         else:
             rx, _, rw, _ = self.localizer.region(frame)
             step = self.tracker.step(boxes, ts, (rx, rx + rw))
@@ -472,7 +493,7 @@ class Grader:
                 if self._submit(crops, targets, required):
                     for uid, _, _ in step.classify:
                         self.tracker.record_view(uid)
-                else:
+                else:  # a live source's busy worker (a dead one raised in _submit)
                     self.views_skipped += len(targets)
             self._done(step.done)
             t3 = clock()

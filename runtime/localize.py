@@ -12,7 +12,8 @@ belt camera, an eighth of 1280x720 CSI): the cost stays flat with camera resolut
 pixels than the frame at 640x480, a third less time than a 320 px mask), the boxes stay within 3 px of
 a 320 px mask's on the synthetic belt (tests/test_runtime_localize.py), and the morphology kernels
 keep their meaning at any resolution. A box touching the frame (or ROI) border is a partially
-visible fruit: it is still returned, flagged `touches_edge`, so the tracker keeps its identity but votes with whole views.
+visible fruit: it is still returned, flagged `touches_edge`, so the tracker keeps its identity but
+votes with whole views.
 
 `full_frame=True` skips all of that: the whole frame (or ROI) is the one fruit, for hand-held shots
 and for directories of single-fruit photos.
@@ -27,7 +28,7 @@ import numpy as np
 
 from mnet.errors import ConfigError
 
-__all__ = ["Box", "LocalizeConfig", "Localizer", "crop", "parse_roi"]
+__all__ = ["Box", "LocalizeConfig", "Localizer", "crop", "crop_rect", "parse_roi"]
 
 Roi = tuple[int, int, int, int]
 
@@ -188,6 +189,25 @@ class Localizer:
         return boxes
 
 
+def crop_rect(box: Box, margin: float = 0.3, aspect: float | None = None) -> tuple[int, int, int, int]:
+    """The (x1, y1, x2, y2) that `crop` cuts, before clipping to the frame (it may lie outside).
+
+    One function for the crop and for the tracker's "does this view's crop fit" test, so the two
+    cannot disagree (the aspect widening can push a crop past an edge the margin alone clears).
+    """
+    if margin < 0:
+        raise ConfigError(f"crop margin = {margin!r}: expected >= 0")
+    cw, ch = box.w * (1 + 2 * margin), box.h * (1 + 2 * margin)
+    if aspect:
+        want = aspect if cw >= ch else 1.0 / aspect  # target width / height
+        if cw / ch < want:
+            cw = ch * want
+        else:
+            ch = cw / want
+    cx, cy = box.center
+    return round(cx - cw / 2), round(cy - ch / 2), round(cx + cw / 2), round(cy + ch / 2)
+
+
 def crop(frame: np.ndarray, box: Box, margin: float = 0.3, aspect: float | None = None) -> np.ndarray:
     """The box grown by `margin` of its size on every side, clipped to the frame (a view, no copy).
 
@@ -198,17 +218,6 @@ def crop(frame: np.ndarray, box: Box, margin: float = 0.3, aspect: float | None 
     box taller than wide gets the transposed aspect (Preprocess rotates portrait crops, as it does
     portrait photos).
     """
-    if margin < 0:
-        raise ConfigError(f"crop margin = {margin!r}: expected >= 0")
     fh, fw = frame.shape[:2]
-    cw, ch = box.w * (1 + 2 * margin), box.h * (1 + 2 * margin)
-    if aspect:
-        want = aspect if cw >= ch else 1.0 / aspect  # target width / height
-        if cw / ch < want:
-            cw = ch * want
-        else:
-            ch = cw / want
-    cx, cy = box.center
-    x1, y1 = max(0, round(cx - cw / 2)), max(0, round(cy - ch / 2))
-    x2, y2 = min(fw, round(cx + cw / 2)), min(fh, round(cy + ch / 2))
-    return frame[y1:y2, x1:x2]
+    x1, y1, x2, y2 = crop_rect(box, margin, aspect)
+    return frame[max(0, y1):min(fh, y2), max(0, x1):min(fw, x2)]

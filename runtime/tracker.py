@@ -1,6 +1,6 @@
 """Fruit identities across frames along the belt, and one vote per fruit.
 
-Each frame brings boxes (from the localiser) and one probability row per box (from the model).
+Each frame brings boxes (from the localiser); probabilities come later, only for the views planned.
 Tracks are matched to boxes greedily by distance to a motion prediction: fruit ride the belt along
 +x (or -x) at roughly the belt's speed, so a track's centre is predicted with its own velocity, or
 with the belt velocity estimated from the other fruit while it is new. A box whose centre falls inside
@@ -16,18 +16,21 @@ finishes, else at flush(). Tentative tracks that finish are noise and are discar
 Association needs no probabilities, so the model does not have to see every fruit in every frame.
 `step()` matches the boxes and then plans the *views*: which boxes to classify now. A fruit gets at
 most `max_views` views, `view_stride` frames apart (so they differ), each a full view whose crop
-(box plus `view_margin` on each side along the belt) lies inside the searched region — a crop cut by
-the frame edge is not what the model was trained on. The plan depends only on the frames, never on
-timing, so a file grades the same on any machine. Until a fruit has a view, the tracker remembers
-its best view so far (an opaque payload the caller keeps: the grader keeps the frame and box); a
-fruit that finishes without a view (it never showed whole, or the stream ended) is classified from
-that. With a trigger line a fruit crossing without a view is classified on the crossing frame.
-`max_views=0` classifies every box of every frame (the vote of all views, as before budgets).
+(localize.crop_rect: box plus `view_margin`, widened to `view_aspect`) lies inside the searched
+region along the belt — a crop cut by the frame edge is not what the model was trained on. The plan
+depends only on the frames, never on timing, so a file grades the same on any machine. Until a fruit
+has a view, the tracker remembers its best view so far (an opaque payload the caller keeps: the
+grader keeps the frame and box); a fruit that finishes without a view (it never showed whole, or the
+stream ended) is classified from that. With a trigger line a fruit crossing without a view is
+classified on the crossing frame (a *required* view: the caller must not skip it). `max_views=0`
+classifies every box of every frame until the fruit is emitted (the vote of all views, as before
+budgets). A vote is never built from zero views: `vote()` refuses a fruit none of whose views came back.
 
 The caller classifies the planned views (synchronously, or later in a worker), reports each with
 `record_view()` when taken and `add_probs()` when its probabilities arrive, and asks `vote()` for a
-finished fruit once all its views are in. `update()` does all of that in one call for callers that
-have probabilities for every box (tests, simple loops).
+done fruit once all its views are in. A done fruit stays known until it has been voted, and a
+discarded tentative track until its views are back, so late calls for either never miss. `update()`
+does all of that in one call for callers that have probabilities for every box (tests, simple loops).
 
 The vote averages the probabilities of the views where the fruit was fully visible; views where it
 was cut by the frame edge are used only when there is no full view (a fruit already on the belt when
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from mnet.runtime.localize import Box
+from mnet.runtime.localize import Box, crop_rect
 
 from mnet.errors import ConfigError
 
@@ -64,6 +67,7 @@ class TrackerConfig:
     max_views: int = 3  # classified views per fruit; 0 = every box of every frame (no budget)
     view_stride: int = 6  # frames between two views of one fruit (60 px apart at 10 px/frame)
     view_margin: float = 0.3  # the crop margin (GradeConfig.margin): a view's crop must fit in the region
+    view_aspect: float | None = None  # the crop's width / height (the model input's), as localize.crop widens it
 
     def __post_init__(self) -> None:
         if self.min_hits < 1:
@@ -82,6 +86,8 @@ class TrackerConfig:
             raise ConfigError(f"tracker field 'view_stride' = {self.view_stride!r}: expected >= 1 frame")
         if self.view_margin < 0:
             raise ConfigError(f"tracker field 'view_margin' = {self.view_margin!r}: expected >= 0")
+        if self.view_aspect is not None and not self.view_aspect > 0:
+            raise ConfigError(f"tracker field 'view_aspect' = {self.view_aspect!r}: expected > 0 (width / height)")
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,8 @@ class _Track:
     fallback: Any = None  # the caller's payload for the best view so far, while views == 0
     fallback_rank: tuple = ()
     seen_at: int = -1  # index of this frame's box, -1 when unseen this frame
+    finished: bool = False  # no longer tracked (left, lost, flushed or discarded)
+    voted: bool = False  # vote() was taken: the caller is done with it
 
     def __post_init__(self) -> None:
         self.full_sum = np.zeros(self.num_classes, np.float64)
@@ -247,10 +255,11 @@ class Tracker:
             if t.lost == 0:
                 crossing = (c.trigger_x is not None and t.fruit_id is not None and not t.emitted
                             and (t.box.center[0] - c.trigger_x) * c.direction >= 0)
-                if self._wants_view(t, bounds):
-                    classify.append((t.uid, t.seen_at, False))
-                elif crossing and t.views == 0:
-                    classify.append((t.uid, t.seen_at, True))  # graded at the line: it needs one view now
+                # Graded at the line: a fruit without a view needs one now, whether or not it was due
+                # anyway — an optional view may be skipped by a busy live worker.
+                required = crossing and t.views == 0
+                if required or self._wants_view(t, bounds):
+                    classify.append((t.uid, t.seen_at, required))
                 if t.views == 0 and self._better_fallback(t, bounds):
                     keep.append((t.uid, t.seen_at))
                 if crossing:
@@ -280,13 +289,22 @@ class Tracker:
 
     def add_probs(self, uid: int, probs: np.ndarray, partial: bool) -> None:
         """A view's probabilities arrived (any time before `vote(uid)`)."""
-        self._by_uid[uid].add(np.asarray(probs, np.float64).reshape(self.num_classes), partial)
+        t = self._by_uid[uid]
+        t.add(np.asarray(probs, np.float64).reshape(self.num_classes), partial)
+        if t.finished and t.fruit_id is None and t.full_n + t.edge_n >= t.views:
+            del self._by_uid[uid]  # a discarded track's last view is back: nothing will ask for it
 
     def vote(self, uid: int) -> FruitVote:
         """The vote of a done fruit, once all its views have their probabilities; releases the fruit."""
-        t = self._by_uid[uid]
-        assert t.emitted and t.fruit_id is not None, "vote() is for fruit that step() reported done"
-        if not any(x is t for x in self._tracks):  # voted at the trigger line: tracked until it leaves
+        t = self._by_uid.get(uid)
+        if t is None or not t.emitted or t.voted:
+            raise ValueError(f"vote({uid}): not a fruit that step() or finish() reported done and not yet voted")
+        got = t.full_n + t.edge_n
+        if got < t.views or got == 0:  # an all-zero vote would be a grade made up from nothing
+            raise ValueError(f"vote({uid}): fruit {t.fruit_id} has {got} of {t.views} views back; classify its "
+                             "views (or the kept payload from `done`), add_probs() them, then vote")
+        t.voted = True
+        if t.finished:  # else voted at the trigger line: tracked until it leaves, then released
             del self._by_uid[uid]
         probs, n = t.vote()
         return FruitVote(t.fruit_id, probs, t.hits, n, t.first_ts, t.last_ts, t.reason, t.box)
@@ -377,14 +395,18 @@ class Tracker:
         return False
 
     def _finish(self, t: _Track, reason: str, out: list[tuple[_Track, Any]]) -> None:
+        t.finished = True
         if reason != "flush" and t.fruit_id is not None:
             self._ghosts.append([t, self.config.max_lost + 1])
         if t.fruit_id is None:
             self.discarded += 1
-            self._by_uid.pop(t.uid, None)
+            # max_views=0 classifies tentative tracks too: keep one until its views in flight are back
+            # (add_probs releases it), so a late result finds it rather than raising KeyError.
+            if t.full_n + t.edge_n >= t.views:
+                self._by_uid.pop(t.uid, None)
         elif not t.emitted:
             out.append((self._emit(t, reason), t.fallback if t.views == 0 else None))
-        elif t.full_n + t.edge_n >= t.views:  # voted at the trigger line and its views are all in
+        elif t.voted:  # emitted at the trigger line and voted: released; otherwise vote() releases it
             self._by_uid.pop(t.uid, None)
 
     def _emit(self, t: _Track, reason: str) -> _Track:
@@ -398,15 +420,17 @@ class Tracker:
         return sorted(done, key=lambda d: -d[0].box.center[0] * self.config.direction)
 
     def _fits(self, b: Box, bounds: tuple[float, float]) -> bool:
-        """A whole view whose crop (margin included) lies inside the region along the belt."""
-        m = self.config.view_margin * b.w
-        return not b.touches_edge and b.x - m >= bounds[0] and b.x2 + m <= bounds[1]
+        """A whole view whose crop (margin and aspect widening included) lies inside the region along the belt."""
+        x1, _, x2, _ = crop_rect(b, self.config.view_margin, self.config.view_aspect)
+        return not b.touches_edge and x1 >= bounds[0] and x2 <= bounds[1]
 
     def _wants_view(self, t: _Track, bounds: tuple[float, float]) -> bool:
         c = self.config
+        if t.emitted:
+            return False  # graded already: another view would be inference nobody reads
         if c.max_views == 0:
             return True  # no budget: every box, tentative tracks too (their views count once confirmed)
-        return (t.fruit_id is not None and not t.emitted and t.views < c.max_views
+        return (t.fruit_id is not None and t.views < c.max_views
                 and self._frame - t.last_view >= c.view_stride and self._fits(t.box, bounds))
 
     def _better_fallback(self, t: _Track, bounds: tuple[float, float]) -> bool:

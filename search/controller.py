@@ -41,6 +41,7 @@ Table 1's 0.1 for replication.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
@@ -274,6 +275,10 @@ class Reinforce:
         self.controller.load_state_dict(state["controller"])
         self.optimizer.load_state_dict(state["optimizer"])
         # checkpoints from before per-sample streams hold a "generator" and no seed: keep ours
+        if "seed" not in state:
+            logging.getLogger(__name__).warning(
+                "controller checkpoint from an older mnet: the rest of the search draws its samples per "
+                "(seed, step), so it will not match what that version would have drawn")
         self.seed = int(state.get("seed", self.seed))
         self.baseline = None if state["baseline"] is None else float(state["baseline"])
         self.step = int(state["step"])

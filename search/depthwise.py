@@ -28,7 +28,7 @@ from mnet.search.dense import MAX_DENSE_ELEMENTS, dense_depthwise
 from mnet.search.fft import autocast_dtype, fft_depthwise
 from torch import nn
 
-from mnet.errors import CheckpointError
+from mnet.errors import CheckpointError, ConfigError
 
 __all__ = ["IMPLS", "depthwise", "use_conv", "depthwise_impls", "set_depthwise_impls", "restore_depthwise",
            "select_depthwise"]
@@ -47,7 +47,7 @@ def depthwise(x: torch.Tensor, conv: nn.Conv2d, impl: str) -> torch.Tensor:
         return dense_depthwise(x, conv.weight, conv.dilation[0])
     if impl == "fft":
         return fft_depthwise(x, conv.weight, conv.dilation[0])
-    raise ValueError(f"depthwise implementation {impl!r}: expected one of {', '.join(IMPLS)}")
+    raise ConfigError(f"depthwise implementation {impl!r}: expected one of {', '.join(IMPLS)}")
 
 
 def _sepconvs(model: nn.Module) -> list[nn.Module]:

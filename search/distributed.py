@@ -150,6 +150,16 @@ class Dist:
             for b, reduced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
                 b.copy_(reduced)
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any (a Ctrl-C that reached some ranks first).
+
+        Over a gloo group even on NCCL jobs: a CPU flag needs no GPU round trip and no device sync."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([int(bool(flag))], dtype=torch.int32)
+        torch_dist.all_reduce(t, group=_control_group())
+        return bool(t.item())
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (picklable objects: choices, flags)."""
         if not self.enabled:
@@ -216,6 +226,20 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
         atexit.register(_shutdown)
     return Dist(rank, world, local_rank), dev
+
+
+_CONTROL: Any = None
+
+
+def _control_group() -> Any:
+    """The gloo group for small CPU control messages (created on first use: every rank reaches the
+    same first `any()`, as a collective must); the default group when that is gloo already."""
+    global _CONTROL
+    if torch_dist.get_backend() == "gloo":
+        return None
+    if _CONTROL is None:
+        _CONTROL = torch_dist.new_group(backend="gloo")
+    return _CONTROL
 
 
 def _shutdown() -> None:

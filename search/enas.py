@@ -224,7 +224,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         "val_indices": torch.from_numpy(val_idx),
     }, writes=dist.is_main)
     if resume:  # every rank reads the same checkpoints
-        files.restore(trainer, agent, evaluator)
+        files.restore(trainer, agent)
     else:
         files.start()
         if cfg.fast_depthwise:  # timed once here (rank 0); saved so a resumed run computes alike
@@ -257,7 +257,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         for r in records:
             report("controller", r["step"], cfg.controller_steps, r)
         if agent.step // cfg.checkpoint_every > (agent.step - len(records)) // cfg.checkpoint_every:
-            files.save_controller(agent, evaluator)  # a multiple of checkpoint_every was passed
+            files.save_controller(agent)  # a multiple of checkpoint_every was passed
         interrupt.check()
 
     def uniform() -> Arch:
@@ -267,7 +267,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         with torch.no_grad():
             return agent.controller.sample(trainer.arch_gen)[0]
 
-    interrupt = _DeferredInterrupt()
+    interrupt = _DeferredInterrupt(dist)
     try:
         with interrupt:
             if cfg.schedule == "two-stage":
@@ -276,7 +276,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
                 if agent is not None:
                     train_controller(agent, evaluator, cfg.controller_steps, batch=cfg.controller_batch,
                                      dist=dist, on_update=on_update)
-                    files.save_controller(agent, evaluator)
+                    files.save_controller(agent)
             else:  # alternating: pass e over the data with the policy's paths, then controller block e
                 def block_end(epoch: int) -> int:  # controller steps done once block `epoch - 1` ends
                     # whole updates per block: a block boundary never splits a batch of B samples
@@ -287,14 +287,14 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
                     if trainer.batch == 0 and agent.step < block_end(trainer.epoch):
                         train_controller(agent, evaluator, block_end(trainer.epoch), batch=cfg.controller_batch,
                                          dist=dist, on_update=on_update)
-                        files.save_controller(agent, evaluator)
+                        files.save_controller(agent)
                     if trainer.epoch == cfg.supernet_epochs:
                         break
                     end_epoch(trainer.train_epoch(from_policy, on_batch))
     except KeyboardInterrupt:
         files.save_supernet(trainer)
         if agent is not None:
-            files.save_controller(agent, evaluator)
+            files.save_controller(agent)
         raise
 
     # derive: best-of-N from the policy (or uniform for random search), written as arch.json + topk
@@ -526,14 +526,14 @@ class _RunFiles:
             save_checkpoint(self.out / "supernet.pt", {**self._payload("supernet"), **trainer.state_dict()})
             trainer.dirty = False
 
-    def save_controller(self, agent: Reinforce, evaluator: Evaluator) -> None:
+    def save_controller(self, agent: Reinforce) -> None:
         if not self.writes:
             return
+        # the agent's step is the stage's whole random state: sample k and its minibatch come from (seed, k)
         save_checkpoint(self.out / "controller.pt", {**self._payload("controller"), "agent": agent.state_dict(),
-                                                     "evaluator": evaluator.state_dict(),
                                                      "seconds": self.controller_seconds})
 
-    def restore(self, trainer: SupernetTrainer, agent: Reinforce | None, evaluator: Evaluator) -> None:
+    def restore(self, trainer: SupernetTrainer, agent: Reinforce | None) -> None:
         raw = _load(self.out / "supernet.pt", "supernet")
         _same_config(raw, self.cfg, self.out / "supernet.pt")
         if raw["val_indices"].tolist() != self.meta["val_indices"].tolist():
@@ -544,7 +544,6 @@ class _RunFiles:
             c = _load(self.out / "controller.pt", "controller")
             _same_config(c, self.cfg, self.out / "controller.pt")
             agent.load_state_dict(c["agent"])
-            evaluator.load_state_dict(c["evaluator"])
             self.controller_seconds = float(c["seconds"])
         # drop metric lines written after the checkpoints (a kill between a log line and a save)
         steps = agent.step if agent is not None else 0
@@ -638,10 +637,13 @@ def _same_config(raw: dict, cfg: SearchConfig, path: Path) -> None:
 
 class _DeferredInterrupt:
     """Ctrl-C sets a flag that `check()` turns into KeyboardInterrupt at the next step boundary, so the
-    state saved on the way out is never half an optimizer step. A second Ctrl-C interrupts at once."""
+    state saved on the way out is never half an optimizer step. A second Ctrl-C interrupts at once.
+    Under torchrun the ranks agree on the flag at each check (`Dist.any`), so all of them stop at the
+    same boundary: a rank that stopped alone would leave the others waiting in their next collective."""
 
-    def __init__(self) -> None:
+    def __init__(self, dist: Dist = SINGLE) -> None:
         self.requested = False
+        self.dist = dist
         self._old = None
 
     def _handle(self, signum, frame) -> None:
@@ -650,7 +652,7 @@ class _DeferredInterrupt:
         self.requested = True
 
     def check(self) -> None:
-        if self.requested:
+        if self.dist.any(self.requested):
             self.requested = False
             raise KeyboardInterrupt
 

@@ -19,6 +19,8 @@ export always uses the plain conv.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["fast_len", "fft_size", "fft_depthwise", "autocast_dtype"]
@@ -45,6 +47,7 @@ def fast_len(n: int, even: bool = False) -> int:
         m += 1
 
 
+@functools.lru_cache(maxsize=None)  # called on every forward; a handful of distinct shapes per network
 def fft_size(kh: int, kw: int, dilation: int, h: int, w: int) -> tuple[int, int]:
     """FFT grid (H, W) on which circular convolution is exact for an h×w map (module docstring).
 

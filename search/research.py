@@ -64,7 +64,7 @@ def research(opened: OpenRun, out: str | os.PathLike, reward: RewardFn, *, steps
         with open(metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if progress:
-            progress("controller", agent.step, ccfg.steps, record)
+            progress("controller", record["step"], ccfg.steps, record)
 
     train_controller(agent, opened.evaluator, ccfg.steps, on_step=on_step)
     with atomic_path(out / "controller.pt") as tmp:

@@ -38,3 +38,14 @@ def test_grade_cli_without_torch(colour_data, tiny_arch, tmp_path):
     r = subprocess.run([sys.executable, "-c", _NO_TORCH, "grade", str(tmp_path / "nope"), "--source", "0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().startswith("error:")
+
+
+def test_grade_views_help_states_the_trackers_default():
+    import typing
+
+    from mnet.runtime.tracker import TrackerConfig
+
+    from mnet.cli import grade as grade_cmd
+
+    opt = typing.get_type_hints(grade_cmd.grade, include_extras=True)["views"].__metadata__[0]
+    assert f"(default {TrackerConfig().max_views})" in opt.help

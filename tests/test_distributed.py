@@ -178,6 +178,31 @@ def test_all_reduce_gradients_keeps_unused_parameters_unused(tmp_path):
         assert torch.equal(g["other"], torch.full((3,), 5.0))
 
 
+def _interrupt_rank_main(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist, _ = setup_distributed("cpu")
+    flags = [dist.any(False), dist.any(rank == 1)]
+    interrupt, stopped_at = enas._DeferredInterrupt(dist), None
+    for step in range(4):
+        if rank == 1 and step == 2:
+            interrupt.requested = True  # the Ctrl-C reached rank 1 only (or first)
+        try:
+            interrupt.check()
+        except KeyboardInterrupt:
+            stopped_at = step
+            break
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"flags": flags, "stopped_at": stopped_at}))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_ctrl_c_on_one_rank_stops_every_rank_at_the_same_boundary(tmp_path):
+    mp.spawn(_interrupt_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"flags": [False, True], "stopped_at": 2}, rank
+
+
 # --- the controller phase on 2 ranks ---------------------------------------------------------------
 
 # 4 updates of 2 architectures (a save every 4); lr high enough that the policy moves far beyond the tolerance

@@ -63,7 +63,7 @@ def test_int8_model_runs_int8_convolutions(bundle, colour_data, tmp_path):
 
 
 def test_errors(bundle, tmp_path):
-    with pytest.raises(BackendError, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         profile_onnx(tmp_path / "missing.onnx")
     with pytest.raises(ConfigError, match="runs 0"):
         profile_onnx(bundle / "model.onnx", runs=0)

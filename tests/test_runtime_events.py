@@ -30,7 +30,7 @@ def test_json_fields_are_exactly_the_contract_and_round_trip():
 
 
 def test_from_probs_takes_the_argmax():
-    e = GradeEvent.from_probs(1, {"A": 0.1, "B": 0.25, "C": 0.65}, frames=3, first_ts=0.0, last_ts=0.1,
+    e = GradeEvent.from_probs(1, {"A": 0.1, "B": 0.25, "C": 0.65}, frames=3, views=1, first_ts=0.0, last_ts=0.1,
                               source="s", model="m")
     assert (e.grade, e.confidence) == ("C", 0.65)
 
@@ -59,7 +59,9 @@ def test_event_is_frozen_and_owns_its_probs():
         ({"last_ts": 1.0}, "last_ts"),  # before first_ts
         ({"first_ts": float("nan")}, "first_ts"),
         ({"source": None}, "source"),
-        ({"schema_version": 2}, "schema_version"),
+        ({"schema_version": 3}, "schema_version"),
+        ({"schema_version": True}, "schema_version"),
+        ({"views": None}, "views"),  # required from version 2 on
     ],
 )
 def test_validation_names_the_field(bad, field):
@@ -77,8 +79,14 @@ def test_from_json_rejects_missing_and_unknown_fields():
         GradeEvent.from_json("{nope")
 
 
-def test_events_written_before_views_existed_still_read():
+def test_version_1_events_without_views_still_read():
     d = _event().to_json()
+    assert d["schema_version"] == 2
     del d["views"]
+    with pytest.raises(ConfigError, match="missing.*views"):  # version 2 needs it
+        GradeEvent.from_json(d)
+    d["schema_version"] = 1
     e = GradeEvent.from_json(d)
-    assert e.views is None and e.to_json()["views"] is None
+    assert e.views is None and e.to_json() == d  # written back as it was read
+    with pytest.raises(ConfigError, match="unknown.*views"):
+        GradeEvent.from_json({**d, "views": 3})

@@ -16,9 +16,10 @@ import weakref
 import cv2
 import numpy as np
 import pytest
-from mnet.runtime.grader import GradeConfig, grade, parse_size, stop_on_signals
-from mnet.runtime.localize import Localizer
+from mnet.runtime.grader import GradeConfig, Grader, grade, parse_size, stop_on_signals
+from mnet.runtime.localize import Box, Localizer
 from mnet.runtime.sinks import Sinks, open_sinks
+from mnet.runtime.tracker import TrackerConfig
 
 from mnet.conveyor import make_conveyor_video, plan_conveyor
 from mnet.errors import BackendError, ConfigError
@@ -394,3 +395,96 @@ def test_views_zero_classifies_every_fruit_in_every_frame(conveyor):
     assert backend.calls == 1 + sum(1 for i in frames if i.boxes)  # warm-up + one batch per frame with fruit
     assert summary.fruit_graded == 20 and summary.grades == {g: [f["grade"] for f in truth["fruits"]].count(g)
                                                              for g in CLASSES}
+
+
+class _Fixed:
+    """A localiser that finds the same boxes in every frame (fruit standing still) in a 640x480 frame."""
+
+    def __init__(self, boxes):
+        self.boxes = boxes
+
+    def __call__(self, frame):
+        return list(self.boxes)
+
+    def region(self, frame):
+        return (0, 0, 640, 480)
+
+
+class _DiesOnFirstCall:
+    """The device goes away during the first call, after `delay_s`."""
+
+    name = "dies"
+
+    def __init__(self, delay_s=0.3):
+        self.delay_s, self.started = delay_s, threading.Event()
+
+    def infer(self, x):
+        self.started.set()
+        time.sleep(self.delay_s)
+        raise RuntimeError("device lost")
+
+
+_BLANK = np.zeros((480, 640, 3), np.uint8)
+
+
+def test_the_tracker_tests_the_crop_the_grader_cuts():
+    with Grader(_DiesOnFirstCall(), Preprocess((24, 32)), CLASSES, GradeConfig(margin=0.2)) as g:
+        assert g.tracker.config.view_margin == 0.2 and g.tracker.config.view_aspect == pytest.approx(32 / 24)
+
+
+def test_a_required_view_refused_by_a_dead_worker_raises_its_error_in_flush():
+    # Fruit 1 sits at the exit edge and never fits a view; fruit 2 fits and gets views. The worker dies
+    # on fruit 2's first call with its second queued (queue of 1: full). flush() then has fruit 1 first
+    # in exit order and must classify its kept view: the refusal is the backend's error, not a vote
+    # made of nothing (ConfigError from an all-zero event).
+    cfg = GradeConfig(tracker=TrackerConfig(view_stride=1), queue_depth=1)
+    loc = _Fixed([Box(300, 100, 60, 60, 3600.0), Box(600, 100, 40, 40, 1600.0, True)])
+    with Grader(_DiesOnFirstCall(), Preprocess((24, 32)), CLASSES, cfg, localizer=loc) as g:
+        for f in range(4):  # views of fruit 2 on frames 2 and 3 (confirmed at 3 hits)
+            assert g.process(_BLANK, f / 30)[0] == []
+        with pytest.raises(BackendError, match="'dies' failed on a batch of 1: RuntimeError: device lost"):
+            g.flush()
+
+
+def test_a_live_source_does_not_count_a_dead_worker_as_a_skipped_view():
+    cfg = GradeConfig(tracker=TrackerConfig(view_stride=1), queue_depth=1)
+    backend = _DiesOnFirstCall()
+    with Grader(backend, Preprocess((24, 32)), CLASSES, cfg, localizer=_Fixed([Box(300, 100, 60, 60, 3600.0)]),
+                block_views=False) as g:
+        for f in range(3):
+            g.process(_BLANK, f / 30)  # frame 2: the first view, taken by the worker
+        assert backend.started.wait(5)
+        g.process(_BLANK, 3 / 30)  # the second view waits in the queue (full)
+        deadline = time.monotonic() + 5
+        while g._worker._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(BackendError, match="device lost"):
+            g.process(_BLANK, 4 / 30)  # the third view is refused: the worker is dead, not busy
+        assert g.views_skipped == 0
+
+
+def test_full_frame_mode_books_the_queue_wait_as_wait_not_as_track_or_negative_preprocess():
+    class Slow:
+        name = "slow"
+
+        def infer(self, x):
+            time.sleep(0.05)
+            return np.full((len(x), 3), 1 / 3, np.float32)
+
+    cfg = GradeConfig.from_options(full_frame=True, queue_depth=1)
+    frame = np.zeros((48, 64, 3), np.uint8)
+    with Grader(Slow(), Preprocess((24, 32)), CLASSES, cfg) as g:
+        stages = [g.process(frame, f / 30)[2] for f in range(4)]  # the third and fourth wait for the worker
+        g.flush()
+    assert max(ms["wait"] for ms in stages) > 20
+    for ms in stages:
+        assert ms["preprocess"] >= 0 and ms["track"] < max(5.0, ms["wait"] / 2), ms
+
+
+def test_views_zero_with_a_trigger_classifies_each_fruit_only_until_it_is_graded(conveyor):
+    frames = []
+    summary, backend = _grade(conveyor, GradeConfig.from_options(views=0, trigger_x=320),
+                              on_frame=lambda i, info: frames.append(info))
+    assert summary.fruit_graded == 20 and summary.views == len(backend.rows)
+    # fruit are seen well past the line, but only views up to it are classified
+    assert summary.views < 0.75 * sum(len(i.boxes) for i in frames)

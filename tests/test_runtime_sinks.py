@@ -39,7 +39,7 @@ from mnet.events import GradeEvent
 def _ev(i: int, grade: str = "A") -> GradeEvent:
     probs = {"A": 0.1, "B": 0.1, "C": 0.1}
     probs[grade] = 0.8
-    return GradeEvent.from_probs(i, probs, frames=5, first_ts=i * 1.0, last_ts=i + 0.5, source="belt.mp4",
+    return GradeEvent.from_probs(i, probs, frames=5, views=1, first_ts=i * 1.0, last_ts=i + 0.5, source="belt.mp4",
                                  model="tiny")
 
 
@@ -82,7 +82,7 @@ def test_csv_rows_and_header_checks(tmp_path):
     assert len(list(csv.DictReader(path.open()))) == 3
     other = CsvSink(path)
     with pytest.raises(ConfigError, match="has columns"):
-        other.write(GradeEvent.from_probs(4, {"ok": 0.6, "bad": 0.4}, frames=1, first_ts=0, last_ts=0,
+        other.write(GradeEvent.from_probs(4, {"ok": 0.6, "bad": 0.4}, frames=1, views=1, first_ts=0, last_ts=0,
                                           source="s", model="m"))
     other.close()
 

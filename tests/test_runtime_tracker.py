@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from mnet.runtime.localize import Box
+from mnet.runtime.localize import Box, crop, crop_rect
 from mnet.runtime.tracker import Tracker, TrackerConfig
 
 from mnet.errors import ConfigError
@@ -177,7 +177,9 @@ def test_fruit_that_never_shows_whole_is_classified_on_its_best_partial_view():
     assert uid0 not in views and kept0 is not None and kept1 is None and uid1 in views
     f, box = kept0
     assert f == 8 and box.touches_edge and box.w == 80  # the largest part seen, from the last frame it showed
-    v = tr.vote(uid0)  # probabilities of the kept view arrive, then the vote
+    tr.record_view(uid0)  # the kept view is classified, its probabilities arrive, then the vote
+    tr.add_probs(uid0, np.array([0.1, 0.8, 0.1]), box.touches_edge)
+    v = tr.vote(uid0)
     assert v.fruit_id == 1 and v.reason == "lost"
     tr2 = Tracker(3, TrackerConfig(max_views=3))
     for f, (b, p) in enumerate(_belt(FRUITS[:1], 6)):
@@ -208,3 +210,91 @@ def test_view_budget_vote_uses_only_the_views_taken():
         TrackerConfig(max_views=-1)
     with pytest.raises(ConfigError, match="view_stride"):
         TrackerConfig(view_stride=0)
+
+
+def _ride(tracker, frames, *, x0=100, speed=10, size=40, bounds=(0, W), take_views=True):
+    """One fruit riding the belt; take (and answer) every planned view at once. Per frame: the step."""
+    steps = []
+    for f in range(frames):
+        s = tracker.step([Box(x0 + speed * f, 100, size, size, float(size * size))], f / FPS, bounds)
+        for uid, _di, _required in s.classify if take_views else ():
+            tracker.record_view(uid)
+            tracker.add_probs(uid, np.array([0.7, 0.2, 0.1]), False)
+        steps.append(s)
+    return steps
+
+
+def test_a_view_due_anyway_on_the_crossing_frame_is_still_required():
+    # The fruit is confirmed (and due its first view) on the frame it crosses the line: that view is
+    # its only chance before the vote, so it is required — a live grader must not skip it.
+    tr = Tracker(3, TrackerConfig(trigger_x=125))
+    steps = _ride(tr, 3, take_views=False)
+    assert steps[2].classify == [(1, 0, True)] and steps[2].done == [(1, None)]
+    # a caller that skipped it anyway gets an error, never an all-zero vote from no view at all
+    with pytest.raises(ValueError, match="0 of 0 views back"):
+        tr.vote(1)
+    tr.record_view(1)
+    with pytest.raises(ValueError, match="0 of 1 views back"):  # still in flight
+        tr.vote(1)
+    tr.add_probs(1, np.array([0.1, 0.1, 0.8]), False)
+    assert tr.vote(1).voted_frames == 1
+
+
+def test_fruit_voted_at_the_line_is_kept_until_its_vote_is_taken():
+    # The grader's exit-order queue can hold the vote back (an earlier fruit's view still in flight)
+    # until after the fruit has left: it must still be there, and be released by the vote.
+    tr = Tracker(3, TrackerConfig(trigger_x=200, view_stride=1))
+    steps = _ride(tr, 12)
+    done = [d for s in steps for d in s.done]
+    assert done == [(1, None)] and tr.finish() == []
+    v = tr.vote(1)
+    assert (v.fruit_id, v.reason, v.voted_frames) == (1, "trigger", 3)
+    with pytest.raises(ValueError, match="not a fruit"):  # a second vote, or an unknown uid, is a caller error
+        tr.vote(1)
+    with pytest.raises(ValueError, match="not a fruit"):
+        tr.vote(99)
+    assert tr._by_uid == {}  # released: nothing piles up
+    # voted while still in view: released when it leaves
+    tr = Tracker(3, TrackerConfig(trigger_x=200, view_stride=1))
+    steps = _ride(tr, 10)
+    assert [d for s in steps for d in s.done] == [(1, None)] and tr.vote(1).fruit_id == 1
+    assert 1 in tr._by_uid and tr.finish() == [] and tr._by_uid == {}
+
+
+def test_views_zero_a_discarded_track_still_takes_its_late_probabilities():
+    tr = Tracker(3, TrackerConfig(max_views=0))
+    s = tr.step([Box(598, 100, 40, 40, 1600.0)], 0.0, (0, W))  # tentative, at the exit edge
+    assert s.classify == [(1, 0, False)]
+    tr.record_view(1)  # its job is queued in the worker...
+    tr.step([], 1 / FPS, (0, W))
+    assert tr.discarded == 1  # ...when the track is discarded (gone through the exit edge)
+    tr.add_probs(1, np.array([0.5, 0.3, 0.2]), False)  # the result arrives late: no KeyError
+    assert tr._by_uid == {}  # and then it is released
+
+
+def test_views_zero_with_a_trigger_stops_classifying_graded_fruit():
+    tr = Tracker(3, TrackerConfig(trigger_x=150, max_views=0))
+    steps = _ride(tr, 10)
+    crossed = next(f for f, s in enumerate(steps) if s.done)
+    assert all(s.classify for s in steps[:crossed + 1])  # every frame up to the line...
+    assert not any(s.classify for s in steps[crossed + 1:])  # ...and none once graded
+    assert tr.vote(1).voted_frames == crossed + 1
+
+
+def test_view_fit_includes_the_aspect_widening_of_the_crop():
+    # A 100x70 fruit with margin 0.3 is cut 130x91; a 2:1 model input widens that to 182x91, so the
+    # crop reaches 41 px further out each side than the margin alone — views must wait for that.
+    frames = _belt(FRUITS[:2], 140)
+    plain, _ = _views(Tracker(3, TrackerConfig(view_margin=0.3)), frames)
+    cfg = TrackerConfig(view_margin=0.3, view_aspect=2.0)
+    wide, _ = _views(Tracker(3, cfg), frames)
+    assert wide.keys() == plain.keys() and [len(v) for v in wide.values()] == [3, 3]
+    assert all(w[0][0] > p[0][0] for w, p in zip(wide.values(), plain.values()))  # later first views
+    img = np.zeros((H, W, 3), np.uint8)
+    for vs in wide.values():
+        for _f, b, _required in vs:
+            x1, y1, x2, y2 = crop_rect(b, 0.3, 2.0)
+            assert 0 <= x1 and x2 <= W and crop(img, b, 0.3, 2.0).shape[:2] == (y2 - y1, x2 - x1) != (0, 0)
+            assert x2 - x1 == 2 * (y2 - y1)  # the very rectangle crop() cuts: not clipped by the frame
+    with pytest.raises(ConfigError, match="view_aspect"):
+        TrackerConfig(view_aspect=0)

@@ -13,6 +13,9 @@ from rich.table import Table
 
 from mnet.cli._common import console, err
 
+# TrackerConfig().max_views, written here so that starting the CLI does not load OpenCV (a test keeps them equal)
+_DEFAULT_VIEWS = 3
+
 
 def grade(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mnet export onnx`).")],
@@ -33,7 +36,8 @@ def grade(
     fps_limit: Annotated[Optional[float], typer.Option(help="Process at most this many frames per second.")] = None,
     latency_budget_ms: Annotated[Optional[float], typer.Option(help="Warn when a frame takes longer.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Classified views per fruit, spaced along the belt "
-                                                 "(default 3); 0 = every frame it is seen.")] = None,
+                                                 f"(default {_DEFAULT_VIEWS}); 0 = every frame it is seen.")]
+    = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime CPU threads.")] = None,
     summary_json: Annotated[Optional[Path], typer.Option("--summary", help="Write the summary JSON here.")] = None,
 ) -> None:
