@@ -26,7 +26,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -74,6 +74,9 @@ class Int8Report:
     sha256: str
     seconds: float
     warnings: tuple[str, ...] = ()
+    # {split: {"accuracy", "fp32_accuracy", "n"}}: `split` and, when the dataset has one labelled with the
+    # model's classes, the test split too, so `mnet evaluate BUNDLE --split test` can be checked against it
+    by_split: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,10 +109,16 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
     # data first, so a missing split fails before minutes of calibration
     stage("loading images")
     images, _ = sample_split(data_root, "train", pre, samples, seed)
-    dev = Dataset(data_root).load(eval_split, pre)
+    dataset = Dataset(data_root)
+    dev = dataset.load(eval_split, pre)
     if not dev.labelled or tuple(dev.classes) != tuple(b.card.classes):
         raise DataError(f"{data_root}: split '{eval_split}' must be labelled with the model's classes "
                         f"{list(b.card.classes)}")
+    measured = {eval_split: dev}
+    if eval_split != "test" and "test" in dataset.splits():
+        test = dataset.load("test", pre)
+        if test.labelled and tuple(test.classes) == tuple(b.card.classes):  # an unlabelled release test set: skip
+            measured["test"] = test
     warnings = []
     if len(images) < MIN_CALIBRATION_IMAGES:
         warnings.append(f"only {len(images)} calibration images (asked for {samples}); "
@@ -142,12 +151,17 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         if not counts["QuantizeLinear"] or not counts["DequantizeLinear"]:
             raise ExportError(f"quantisation produced no Q/DQ nodes ({counts}); the model was not quantised")
 
-        stage(f"evaluating fp32 and int8 on {eval_split} ({len(dev)} images)")
+        stage("evaluating fp32 and int8 on " + ", ".join(f"{k} ({len(v)} images)" for k, v in measured.items()))
+        by_split, preds = {}, {}
         with OnnxRuntimeBackend(b.onnx_path, "cpu") as fp32, \
                 OnnxRuntimeBackend(quantized, "cpu", precision="int8") as int8:
-            p32 = predict_images(fp32, dev.images, pre, batch_size)
-            p8 = predict_images(int8, dev.images, pre, batch_size)
-        m32, m8 = (compute_metrics(dev.labels, p, b.card.classes) for p in (p32, p8))
+            for name, split in measured.items():
+                p32 = predict_images(fp32, split.images, pre, batch_size)
+                p8 = predict_images(int8, split.images, pre, batch_size)
+                m32, m8 = (compute_metrics(split.labels, p, b.card.classes) for p in (p32, p8))
+                by_split[name] = {"accuracy": m8.accuracy, "fp32_accuracy": m32.accuracy, "n": m8.n}
+                preds[name] = (p32, p8, m32, m8)
+        p32, p8, m32, m8 = preds[eval_split]
         agree = float((p32.argmax(1) == p8.argmax(1)).mean())
 
         proto = onnx.load(str(quantized))
@@ -160,7 +174,7 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         drop_points=100.0 * (m32.accuracy - m8.accuracy), top1_agreement=agree, split=eval_split, n=m8.n,
         calibration_images=len(images), method=method, per_channel=per_channel, activations=activations,
         tensorrt_compatible=activations == "int8", sha256=sha256_file(b.int8_path), seconds=time.time() - t0,
-        warnings=tuple(warnings))
+        warnings=tuple(warnings), by_split=by_split)
     update_card(b.path, metrics={"int8": report.to_json()})
     log.info("int8: %s accuracy %.4f (fp32 %.4f) on %s", b.int8_path, m8.accuracy, m32.accuracy, eval_split)
     return report

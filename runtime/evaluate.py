@@ -19,7 +19,7 @@ from mnet.metrics import Metrics, compute_metrics
 from mnet.preprocess import Preprocess
 from mnet.runtime.backends import Backend, open_backend
 
-__all__ = ["evaluate_bundle", "evaluate_split", "predict_images"]
+__all__ = ["card_accuracy", "evaluate_bundle", "evaluate_split", "predict_images"]
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -57,3 +57,18 @@ def evaluate_bundle(bundle: Bundle | str | os.PathLike, data_root: str | os.Path
     data = Dataset(data_root).load(split, pre)
     with open_backend(b, backend, precision, providers=providers) as be:
         return evaluate_split(be, data, pre, b.card.classes, batch_size, progress)
+
+
+def card_accuracy(bundle: Bundle | str | os.PathLike, split: str, precision: str) -> float | None:
+    """The accuracy the bundle's card recorded on `split` at `precision` (fp32 or int8), or None.
+
+    `mnet calibrate int8` measures both precisions with onnxruntime CPU on its split and on a labelled
+    test split (`metrics.int8.by_split`); cards written before `by_split` hold the one split.
+    """
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    record = b.card.metrics.get("int8") or {}
+    row = (record.get("by_split") or {}).get(split)
+    if row is None and record.get("split") == split:
+        row = record
+    key = {"int8": "accuracy", "fp32": "fp32_accuracy"}.get(precision)
+    return None if row is None or key is None or row.get(key) is None else float(row[key])

@@ -62,15 +62,23 @@ def test_warns_under_300_images(calibrated):
     assert any(r.levelno == logging.WARNING and "calibration images" in r.getMessage() for r in records)
 
 
-def test_cli_evaluate_int8_prints_the_cards_accuracy(calibrated, colour_data, capsys, tmp_path):
+@pytest.mark.parametrize("split", ["dev", "test"])
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_cli_evaluate_prints_the_cards_accuracy(calibrated, colour_data, capsys, tmp_path, split, precision):
+    """Calibration measured the dev split and the labelled test split; `mnet evaluate` on either, at either
+    precision, prints the card's number and says it is the same."""
     from mnet.cli import main
 
-    b, _, _ = calibrated
-    rc = main(["evaluate", str(b), str(colour_data), "--backend", "onnxruntime", "--precision", "int8",
-               "--split", "dev", "--plot", str(tmp_path / "cm.png")])
+    b, report, _ = calibrated
+    assert set(report.by_split) == {"dev", "test"} and report.by_split["dev"]["accuracy"] == report.accuracy
+    rc = main(["evaluate", str(b), str(colour_data), "--backend", "onnxruntime", "--precision", precision,
+               "--split", split, "--plot", str(tmp_path / "cm.png")])
     assert rc == 0
-    printed = float(re.search(r"accuracy \(weighted average recall\) ([0-9.]+)", capsys.readouterr().out).group(1))
-    assert printed == pytest.approx(load_bundle(b).card.metrics["int8"]["accuracy"], abs=5e-5)
+    out = capsys.readouterr().out
+    printed = float(re.search(r"accuracy \(weighted average recall\) ([0-9.]+)", out).group(1))
+    row = load_bundle(b).card.metrics["int8"]["by_split"][split]
+    assert printed == pytest.approx(row["accuracy" if precision == "int8" else "fp32_accuracy"], abs=5e-5)
+    assert re.search(rf"card: {precision} accuracy on {split} [0-9.]+ \(onnxruntime CPU\) — the same", out)
 
 
 def test_cli_calibrate_int8_prints_table_and_warning(colour_data, tmp_path_factory, tmp_path, capsys):

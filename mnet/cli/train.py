@@ -141,6 +141,14 @@ def evaluate(
     console.print(metrics_table(metrics, title=f"{label} on {split}"))
     console.print(f"accuracy (weighted average recall) {metrics.accuracy:.4f}  macro-F1 {metrics.macro_f1:.4f}  "
                   f"n={metrics.n}")
+    if model.is_dir() and (model / "mnet.json").is_file():
+        from mnet.runtime.evaluate import card_accuracy
+
+        recorded = card_accuracy(model, split, precision)
+        if recorded is not None:  # the card's figures are onnxruntime CPU ones (mnet calibrate int8)
+            same = backend == "onnxruntime" and round(recorded, 4) == round(metrics.accuracy, 4)
+            verdict = "the same" if same else ("differs" if backend == "onnxruntime" else f"{backend} here")
+            console.print(f"card: {precision} accuracy on {split} {recorded:.4f} (onnxruntime CPU) — {verdict}")
     if json_out:
         write_json(json_out, metrics.to_json())
     try:
