@@ -44,3 +44,15 @@ def colour_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_arch():
     return PRESETS["tiny"].sample(random.Random(0))
+
+
+def train_cut_after_first_epoch(data: Path, arch, out: Path, cfg) -> None:
+    """`mnet train` killed (Ctrl-C) right after its first epoch: what the resume tests pick up."""
+    from mnet.search.train import train
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(data, arch, out, cfg, on_epoch=stop_after_first)

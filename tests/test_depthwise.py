@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from conftest import train_cut_after_first_epoch
 import torch.nn.functional as F
 from mnet.search import depthwise as dw
 from mnet.search.depthwise import (
@@ -226,13 +227,7 @@ def test_train_resume_with_saved_choices_is_bit_identical(colour_data, tiny_arch
     cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=1)
     monkeypatch.setattr("mnet.search.train.select_depthwise", _fixed_choice(impls))
     train(colour_data, tiny_arch, tmp_path / "full", cfg)
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(colour_data, tiny_arch, tmp_path / "cut", cfg, on_epoch=stop_after_first)
+    train_cut_after_first_epoch(colour_data, tiny_arch, tmp_path / "cut", cfg)
     last = tmp_path / "cut" / "last.pt"
     raw = torch.load(last, weights_only=True)
     assert raw["depthwise"] == impls

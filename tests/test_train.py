@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_cut_after_first_epoch
 
 from mnet.errors import CheckpointError, ConfigError
 from mnet.search.checkpoint import build_model, load_checkpoint
@@ -26,13 +27,7 @@ def test_loss_decreases_and_checkpoints(colour_data, tiny_arch, tmp_path):
 
 def test_resume_equals_uninterrupted(colour_data, tiny_arch, tmp_path):
     train(colour_data, tiny_arch, tmp_path / "full", CFG)
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(colour_data, tiny_arch, tmp_path / "cut", CFG, on_epoch=stop_after_first)
+    train_cut_after_first_epoch(colour_data, tiny_arch, tmp_path / "cut", CFG)
     train(colour_data, tiny_arch, tmp_path / "cut", CFG, resume=True)
     a = load_checkpoint(tmp_path / "full" / "last.pt").state_dict
     b = load_checkpoint(tmp_path / "cut" / "last.pt").state_dict
