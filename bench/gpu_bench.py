@@ -3,10 +3,12 @@
 Sections, in priority order, each timed with CUDA synchronisation and written out as soon as it ends
 (a run stopped by the time limit still leaves what it measured):
 
-1. mnet-24-32 (width 256, 12 layers), --amp: two supernet epochs (the first includes cuDNN
-   autotuning, the second is steady state; the depthwise choice of `search.depthwise` is timed apart)
+1. mnet-24-32 (width 256, 12 layers), --amp: two supernet epochs (the first includes the
+   warm-up: allocations, cuDNN's heuristics, FFT plans; the second is steady state; the depthwise choice of `search.depthwise` is timed apart)
    and 200 controller steps; extrapolated to the paper protocol (100 supernet epochs + 5000 controller
-   steps) in GPU-hours.
+   steps) in GPU-hours, one-time costs (the depthwise choice, the first epoch's warm-up) included.
+   Also: how much of a supernet step and of scoring a path is the CPU issuing work (`issue_ms`) vs
+   the synchronised time — equal numbers mean the loop is bound by the CPU, not the GPU.
 2. mnet-120-160 from a shorter sample (a few supernet steps and controller steps), extrapolated alike.
 3. One standalone-child epoch (a uniformly sampled mnet-24-32 arch, --amp) on the same data.
 4. Inference of that child: batch 1 and 128, fp32 and bf16 autocast.
@@ -25,6 +27,8 @@ the script is tested before it spends GPU time.
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import os
 import platform
@@ -42,7 +46,7 @@ from mnet.search.batches import DeviceData, fast_path
 from mnet.search.controller import ControllerConfig, Reinforce
 from mnet.search.dense import MAX_DENSE_ELEMENTS, dense_depthwise
 from mnet.search.depthwise import select_depthwise
-from mnet.search.enas import SearchConfig, SupernetTrainer, split_train_val, train_controller
+from mnet.search.enas import SearchConfig, SupernetTrainer, split_train_val, supernet_step, train_controller
 from mnet.search.fft import fft_depthwise
 from mnet.search.model import MNet
 from mnet.search.supernet import Evaluator
@@ -74,6 +78,37 @@ def _time(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _issue_vs_sync(fn, device: torch.device, reps: int) -> dict[str, float]:
+    """Median ms to issue `fn` (CPU time until it returns, kernels still running) and to finish it.
+
+    Equal numbers mean the CPU (Python, dispatch, kernel launches) is the bound, not the GPU: then
+    CUDA graphs or fewer, larger ops pay, not faster kernels. On a CPU both are the same time."""
+    issue, done = [], []
+    for _ in range(reps + 1):  # the first call warms up
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        _sync(device)
+        issue.append(t1 - t0)
+        done.append(time.perf_counter() - t0)
+    def median_ms(v: list[float]) -> float:
+        return sorted(v[1:])[(len(v) - 1) // 2] * 1e3
+
+    return {"issue_ms": median_ms(issue), "synchronised_ms": median_ms(done)}
+
+
+def _source_digest() -> str:
+    """sha256 of the package's Python sources: which code a result file measured (the GPU machine
+    gets a copy of the tree without git)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(p for d in ("mnet", "search", "calibration", "export", "runtime") for p in (root / d).rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _tile(split: Split, n: int) -> Split:
     reps = -(-n // len(split))
     idx = np.tile(np.arange(len(split)), reps)[:n]
@@ -101,6 +136,7 @@ class _Bench:
             "bench": "gpu", "smoke": self.smoke, "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if self.device.type == "cuda" else None,
+            "date": datetime.date.today().isoformat(), "source_sha256": _source_digest(),
             "paper_protocol": PAPER, "sections": {}, "skipped": [], "errors": {},
         }
         self.out = Path(args.out) if args.out else (
@@ -164,7 +200,7 @@ class _Bench:
         select_s = time.time() - t0
         rng = random.Random(0)
         epochs = []
-        for _ in range(2):  # the first autotunes every new conv shape; the second is steady state
+        for _ in range(2):  # the first warms up every new layer shape; the second is steady state
             _sync(self.device)
             t0 = time.perf_counter()
             trainer.train_epoch(lambda: space.sample(rng), lambda done, total: None)
@@ -194,7 +230,17 @@ class _Bench:
             evaluator(arch)
         _sync(self.device)
         score_s = (time.perf_counter() - t0) / n
-        total_s = PAPER["supernet_epochs"] * epoch_s + PAPER["controller_steps"] * ctrl_s
+        # is a step bound by the GPU or by the CPU issuing it?
+        gen = torch.Generator().manual_seed(0)
+        x, y = val.sample_batch(self.batch, gen)
+        trainer.supernet.train()
+        step = _issue_vs_sync(lambda: supernet_step(trainer.supernet, trainer.optimizer, x, y, space.sample(rng),
+                                                    self.amp), self.device, n)
+        score = _issue_vs_sync(lambda: evaluator.logits(space.sample(rng), x), self.device, n)
+        # one-time costs a real search pays too: the depthwise choice and the first epoch's warm-up
+        # (allocations, cuDNN heuristics, FFT plans) beyond a steady epoch
+        fixed_s = select_s + max(0.0, epochs[0] - epochs[1])
+        total_s = fixed_s + PAPER["supernet_epochs"] * epoch_s + PAPER["controller_steps"] * ctrl_s
         return {
             "space": {"preset": preset, "layers": space.num_layers, "width": space.width,
                       "input_hw": list(space.input_hw)},
@@ -204,8 +250,10 @@ class _Bench:
                                  "steps_per_epoch": steps_per_epoch},
             "controller_step_s": ctrl_s, "controller_steps_timed": controller_steps,
             "controller_step_split_s": {"policy_sample_update": policy_s, "score_one_path": score_s},
+            "issue_vs_synchronised": {"supernet_step": step, "score_one_path": score},
             "paper_protocol_gpu_hours": total_s / 3600,
-            "paper_protocol_split_hours": {"supernet": PAPER["supernet_epochs"] * epoch_s / 3600,
+            "paper_protocol_split_hours": {"one_time": fixed_s / 3600,
+                                           "supernet": PAPER["supernet_epochs"] * epoch_s / 3600,
                                            "controller": PAPER["controller_steps"] * ctrl_s / 3600},
         }
 

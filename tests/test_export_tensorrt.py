@@ -361,7 +361,8 @@ def test_fp16_onnx_for_strongly_typed_builds_keeps_fp32_io(fake, bundle):
     import onnxruntime as ort
 
     x = np.random.default_rng(1).normal(size=(2, 3, 24, 32)).astype(np.float32)
-    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    def run(p):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_allclose(run(bundle / "model.fp16.onnx"), run(bundle / "model.onnx"), atol=5e-3)
 
 

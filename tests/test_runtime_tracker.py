@@ -79,12 +79,14 @@ def test_trigger_line_emits_once_at_the_crossing():
 
 
 def test_short_occlusion_keeps_the_identity_and_long_loss_emits_once():
-    hide_short = lambda fid, f: fid == 1 and 40 <= f < 45
+    def hide_short(fid, f):
+        return fid == 1 and 40 <= f < 45
     tr = Tracker(3, TrackerConfig(max_lost=8))
     events = _run(tr, _belt(FRUITS[:3], 140, hide=hide_short))
     assert [v.fruit_id for _, v in events] == [1, 2, 3] and events[1][1].frames == 71 - 5
 
-    removed = lambda fid, f: fid == 1 and f >= 50
+    def removed(fid, f):
+        return fid == 1 and f >= 50
     tr = Tracker(3, TrackerConfig(max_lost=8))
     events = _run(tr, _belt(FRUITS[:3], 140, hide=removed))
     # fruit 2 is emitted when unseen for more than max_lost frames, before fruit 1 reaches the exit
@@ -170,7 +172,8 @@ def test_views_zero_means_every_box_of_every_frame():
 
 def test_fruit_that_never_shows_whole_is_classified_on_its_best_partial_view():
     # fruit 0 enters, then vanishes (taken off the belt) before it is ever whole; fruit 1 rides through
-    gone = lambda fid, f: fid == 0 and f >= 9
+    def gone(fid, f):
+        return fid == 0 and f >= 9
     tr = Tracker(3, TrackerConfig(max_views=3))
     views, done = _views(tr, _belt(FRUITS[:2], 120, hide=gone))
     (_, uid0, kept0), (_, uid1, kept1) = done

@@ -31,7 +31,8 @@ def _controller(space, seed=0, **cfg):
 def _independent_steps(c: Controller, arch) -> list[tuple[torch.Tensor, int]]:
     """Each decision's log-distribution and `arch`'s choice, recomputed here from the parameters."""
     cfg = c.cfg
-    squash = lambda z: cfg.tanh_constant * torch.tanh(z / cfg.temperature)
+    def squash(z):
+        return cfg.tanh_constant * torch.tanh(z / cfg.temperature)
     h = torch.zeros(1, cfg.hidden)
     cell = torch.zeros(1, cfg.hidden)
     inp = c.g_emb
