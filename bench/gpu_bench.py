@@ -3,10 +3,11 @@
 Sections, in priority order, each timed with CUDA synchronisation and written out as soon as it ends
 (a run stopped by the time limit still leaves what it measured):
 
-1. mnet-24-32 (width 256, 12 layers), --amp: two supernet epochs (the first includes the
-   warm-up: allocations, cuDNN's heuristics, FFT plans; the second is steady state; the depthwise choice of `search.depthwise` is timed apart)
-   and 200 controller steps; extrapolated to the paper protocol (100 supernet epochs + 5000 controller
-   steps) in GPU-hours, one-time costs (the depthwise choice, the first epoch's warm-up) included.
+1. mnet-24-32 (width 256, 12 layers), --amp: two supernet epochs (the first includes the warm-up:
+   allocations, cuDNN's heuristics, FFT plans; the second is steady state; the depthwise choice of
+   `search.depthwise` is timed apart) and 200 controller steps; extrapolated to the paper protocol
+   (100 supernet epochs + 5000 controller steps) in GPU-hours, one-time costs (the depthwise choice,
+   the first epoch's warm-up) included.
    Also: how much of a supernet step and of scoring a path is the CPU issuing work (`issue_ms`) vs
    the synchronised time — equal numbers mean the loop is bound by the CPU, not the GPU.
 2. mnet-120-160 from a shorter sample (a few supernet steps and controller steps), extrapolated alike.
@@ -92,6 +93,7 @@ def _issue_vs_sync(fn, device: torch.device, reps: int) -> dict[str, float]:
         _sync(device)
         issue.append(t1 - t0)
         done.append(time.perf_counter() - t0)
+
     def median_ms(v: list[float]) -> float:
         return sorted(v[1:])[(len(v) - 1) // 2] * 1e3
 
@@ -103,7 +105,8 @@ def _source_digest() -> str:
     gets a copy of the tree without git)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for f in sorted(p for d in ("mnet", "search", "calibration", "export", "runtime") for p in (root / d).rglob("*.py")):
+    stages = ("mnet", "search", "calibration", "export", "runtime")
+    for f in sorted(p for d in stages for p in (root / d).rglob("*.py")):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -234,9 +237,10 @@ class _Bench:
         gen = torch.Generator().manual_seed(0)
         x, y = val.sample_batch(self.batch, gen)
         trainer.supernet.train()
+        reps = min(n, 10)
         step = _issue_vs_sync(lambda: supernet_step(trainer.supernet, trainer.optimizer, x, y, space.sample(rng),
-                                                    self.amp), self.device, n)
-        score = _issue_vs_sync(lambda: evaluator.logits(space.sample(rng), x), self.device, n)
+                                                    self.amp), self.device, reps)
+        score = _issue_vs_sync(lambda: evaluator.logits(space.sample(rng), x), self.device, reps)
         # one-time costs a real search pays too: the depthwise choice and the first epoch's warm-up
         # (allocations, cuDNN heuristics, FFT plans) beyond a steady epoch
         fixed_s = select_s + max(0.0, epochs[0] - epochs[1])
