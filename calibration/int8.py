@@ -114,12 +114,18 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
     if not dev.labelled or tuple(dev.classes) != tuple(b.card.classes):
         raise DataError(f"{data_root}: split '{eval_split}' must be labelled with the model's classes "
                         f"{list(b.card.classes)}")
-    measured = {eval_split: dev}
+    measured, warnings = {eval_split: dev}, []
     if eval_split != "test" and "test" in dataset.splits():
-        test = dataset.load("test", pre)
-        if test.labelled and tuple(test.classes) == tuple(b.card.classes):  # an unlabelled release test set: skip
-            measured["test"] = test
-    warnings = []
+        # an extra figure: a test split that cannot be read (an empty or broken list) is reported, not
+        # fatal, and an unlabelled one (a release test set) is simply not scored
+        try:
+            test = dataset.load("test", pre)
+        except DataError as e:
+            warnings.append(f"test split not measured: {e}")
+            log.warning(warnings[-1])
+        else:
+            if test.labelled and tuple(test.classes) == tuple(b.card.classes):
+                measured["test"] = test
     if len(images) < MIN_CALIBRATION_IMAGES:
         warnings.append(f"only {len(images)} calibration images (asked for {samples}); "
                         f"{MIN_CALIBRATION_IMAGES}+ give stable activation ranges")

@@ -115,6 +115,19 @@ def test_bad_options_and_missing_split(colour_data, tmp_path_factory, tmp_path):
     assert not (b / "model.int8.onnx").exists()
 
 
+def test_an_unreadable_test_split_is_reported_not_fatal(colour_data, tmp_path_factory, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(colour_data, data)
+    (data / "test.csv").write_text("image_id,label\n")  # a test list with no rows
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    report = calibrate_int8(b, data, samples=32)
+    assert set(report.by_split) == {"dev"}
+    assert any(w.startswith("test split not measured:") and "empty" in w for w in report.warnings)
+    assert load_bundle(b).card.metrics["int8"]["split"] == "dev"
+
+
 def test_int8_backend_needs_calibration_first(colour_data, tmp_path_factory):
     with pytest.raises(BackendError, match="mnet calibrate int8"):
         open_backend(exported_bundle(colour_data, tmp_path_factory), "onnxruntime", "int8")
