@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 
 import onnx
 import pytest
@@ -116,8 +117,6 @@ def test_bad_options_and_missing_split(colour_data, tmp_path_factory, tmp_path):
 
 
 def test_an_unreadable_test_split_is_reported_not_fatal(colour_data, tmp_path_factory, tmp_path):
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(colour_data, data)
     (data / "test.csv").write_text("image_id,label\n")  # a test list with no rows
