@@ -8,7 +8,7 @@ Sections, in priority order, each timed with CUDA synchronisation and written ou
    `search.depthwise` is timed apart) and 200 controller steps; extrapolated to the paper protocol
    (100 supernet epochs + 5000 controller steps) in GPU-hours, one-time costs (the depthwise choice,
    the first epoch's warm-up) included.
-   Also: how much of a supernet step and of scoring a path is the CPU issuing work (`issue_ms`) vs
+   Also: how much of a supernet step and of scoring a path is the CPU issuing work (`issue`) vs
    the synchronised time — equal numbers mean the loop is bound by the CPU, not the GPU.
 2. mnet-120-160 from a shorter sample (a few supernet steps and controller steps), extrapolated alike.
 3. One standalone-child epoch (a uniformly sampled mnet-24-32 arch, --amp) on the same data.
@@ -65,27 +65,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median seconds of `reps` synchronised calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def _issue_vs_sync(fn, device: torch.device, reps: int) -> dict[str, float]:
-    """Median ms to issue `fn` (CPU time until it returns, kernels still running) and to finish it.
+def _timings(fn, device: torch.device, reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of `reps` calls: to issue `fn` (CPU time until it returns, kernels may still
+    run) and to finish it (synchronised).
 
     Equal numbers mean the CPU (Python, dispatch, kernel launches) is the bound, not the GPU: then
     CUDA graphs or fewer, larger ops pay, not faster kernels. On a CPU both are the same time."""
+    for _ in range(warmup):
+        fn()
     issue, done = [], []
-    for _ in range(reps + 1):  # the first call warms up
+    for _ in range(reps):
         _sync(device)
         t0 = time.perf_counter()
         fn()
@@ -93,11 +82,12 @@ def _issue_vs_sync(fn, device: torch.device, reps: int) -> dict[str, float]:
         _sync(device)
         issue.append(t1 - t0)
         done.append(time.perf_counter() - t0)
+    return {"issue": sorted(issue)[reps // 2], "synchronised": sorted(done)[reps // 2]}
 
-    def median_ms(v: list[float]) -> float:
-        return sorted(v[1:])[(len(v) - 1) // 2] * 1e3
 
-    return {"issue_ms": median_ms(issue), "synchronised_ms": median_ms(done)}
+def _time(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Median seconds of `reps` synchronised calls."""
+    return _timings(fn, device, reps, warmup)["synchronised"]
 
 
 def _source_digest() -> str:
@@ -238,9 +228,9 @@ class _Bench:
         x, y = val.sample_batch(self.batch, gen)
         trainer.supernet.train()
         reps = min(n, 10)
-        step = _issue_vs_sync(lambda: supernet_step(trainer.supernet, trainer.optimizer, x, y, space.sample(rng),
-                                                    self.amp), self.device, reps)
-        score = _issue_vs_sync(lambda: evaluator.logits(space.sample(rng), x), self.device, reps)
+        step = _timings(lambda: supernet_step(trainer.supernet, trainer.optimizer, x, y, space.sample(rng),
+                                              self.amp), self.device, reps)
+        score = _timings(lambda: evaluator.logits(space.sample(rng), x), self.device, reps)
         # one-time costs a real search pays too: the depthwise choice and the first epoch's warm-up
         # (allocations, cuDNN heuristics, FFT plans) beyond a steady epoch
         fixed_s = select_s + max(0.0, epochs[0] - epochs[1])
@@ -254,7 +244,7 @@ class _Bench:
                                  "steps_per_epoch": steps_per_epoch},
             "controller_step_s": ctrl_s, "controller_steps_timed": controller_steps,
             "controller_step_split_s": {"policy_sample_update": policy_s, "score_one_path": score_s},
-            "issue_vs_synchronised": {"supernet_step": step, "score_one_path": score},
+            "issue_vs_synchronised_s": {"supernet_step": step, "score_one_path": score},
             "paper_protocol_gpu_hours": total_s / 3600,
             "paper_protocol_split_hours": {"one_time": fixed_s / 3600,
                                            "supernet": PAPER["supernet_epochs"] * epoch_s / 3600,
