@@ -101,7 +101,7 @@ class FruitVote:
     first_ts: float
     last_ts: float
     reason: str  # trigger | exit | lost | flush | frame
-    box: Box  # last box seen
+    box: Box  # last box seen (frames, last_ts and box as at the emission, however late the vote)
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,9 @@ class _Track:
     seen_at: int = -1  # index of this frame's box, -1 when unseen this frame
     finished: bool = False  # no longer tracked (left, lost, flushed or discarded)
     voted: bool = False  # vote() was taken: the caller is done with it
+    # (hits, last_ts, box) when emitted: a fruit emitted at the trigger line stays tracked, and its vote
+    # may be taken frames later (when a worker's results are back) — the event must not depend on when.
+    at_emit: tuple[int, float, Box] | None = None
 
     def __post_init__(self) -> None:
         self.full_sum = np.zeros(self.num_classes, np.float64)
@@ -307,7 +310,8 @@ class Tracker:
         if t.finished:  # else voted at the trigger line: tracked until it leaves, then released
             del self._by_uid[uid]
         probs, n = t.vote()
-        return FruitVote(t.fruit_id, probs, t.hits, n, t.first_ts, t.last_ts, t.reason, t.box)
+        hits, last_ts, box = t.at_emit
+        return FruitVote(t.fruit_id, probs, hits, n, t.first_ts, last_ts, t.reason, box)
 
     def finish(self) -> list[tuple[int, Any]]:
         """End of stream: every confirmed fruit not yet done is done now (exit order), as in `step().done`."""
@@ -342,7 +346,8 @@ class Tracker:
         t.add(np.asarray(probs, np.float64).reshape(self.num_classes), False)
         self._emit(t, "frame")
         probs, n = t.vote()
-        return FruitVote(t.fruit_id, probs, t.hits, n, t.first_ts, t.last_ts, t.reason, t.box)
+        hits, last_ts, box = t.at_emit
+        return FruitVote(t.fruit_id, probs, hits, n, t.first_ts, last_ts, t.reason, box)
 
     # ----------------------------------------------------------------------------------- helpers
     def _predict(self, t: _Track, ts: float) -> tuple[float, float]:
@@ -411,7 +416,7 @@ class Tracker:
 
     def _emit(self, t: _Track, reason: str) -> _Track:
         assert t.fruit_id is not None and not t.emitted
-        t.emitted, t.reason = True, reason
+        t.emitted, t.reason, t.at_emit = True, reason, (t.hits, t.last_ts, t.box)
         self.emitted += 1
         return t
 

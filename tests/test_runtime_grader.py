@@ -174,7 +174,9 @@ def test_every_fruit_graded_once_right_and_in_exit_order(conveyor, tmp_path):
     assert sum(len(i.events) for i in frames_seen) == 20  # every event was emitted during the stream
 
 
-def test_trigger_line_grades_each_fruit_as_it_crosses(conveyor):
+@pytest.mark.parametrize("delay_s", [0.0, 0.03])
+def test_trigger_line_grades_each_fruit_as_it_crosses(conveyor, delay_s):
+    # delay_s: a slow model, whose results (and so the votes) come back frames after the crossing
     _, truth, _ = conveyor
     got = []
 
@@ -187,7 +189,7 @@ def test_trigger_line_grades_each_fruit_as_it_crosses(conveyor):
         def close(self):
             pass
 
-    _summary, _ = _grade(conveyor, GradeConfig.from_options(trigger_x=320), Sinks([Collect()]))
+    _summary, _ = _grade(conveyor, GradeConfig.from_options(trigger_x=320), Sinks([Collect()]), delay_s=delay_s)
     assert [e.grade for e in got] == [f["grade"] for f in truth["fruits"]]
     # emitted at the line, so each event's last frame is about mid-screen, long before the fruit leaves
     exits = [f["last_frame"] / truth["fps"] for f in truth["fruits"]]

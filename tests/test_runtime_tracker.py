@@ -252,6 +252,10 @@ def test_fruit_voted_at_the_line_is_kept_until_its_vote_is_taken():
     assert done == [(1, None)] and tr.finish() == []
     v = tr.vote(1)
     assert (v.fruit_id, v.reason, v.voted_frames) == (1, "trigger", 3)
+    # the event says where and when it crossed (centre on the line at frame 8), not where the fruit was when the
+    # vote was taken: the same file must give the same events whatever the worker's timing
+    crossed = next(f for f, s in enumerate(steps) if s.done)
+    assert (v.last_ts, v.box.x, v.frames) == (crossed / FPS, 100 + 10 * crossed, crossed + 1)
     with pytest.raises(ValueError, match="not a fruit"):  # a second vote, or an unknown uid, is a caller error
         tr.vote(1)
     with pytest.raises(ValueError, match="not a fruit"):
