@@ -171,6 +171,11 @@ class _Track:
             return self.full_sum / self.full_n, self.full_n
         return self.edge_sum / max(1, self.edge_n), self.edge_n
 
+    def fruit_vote(self) -> FruitVote:
+        probs, n = self.vote()
+        hits, last_ts, box = self.at_emit
+        return FruitVote(self.fruit_id, probs, hits, n, self.first_ts, last_ts, self.reason, box)
+
 
 class Tracker:
     """Feed `step()` (or `update()`) once per processed frame; fruit come out in exit order."""
@@ -309,9 +314,7 @@ class Tracker:
         t.voted = True
         if t.finished:  # else voted at the trigger line: tracked until it leaves, then released
             del self._by_uid[uid]
-        probs, n = t.vote()
-        hits, last_ts, box = t.at_emit
-        return FruitVote(t.fruit_id, probs, hits, n, t.first_ts, last_ts, t.reason, box)
+        return t.fruit_vote()
 
     def finish(self) -> list[tuple[int, Any]]:
         """End of stream: every confirmed fruit not yet done is done now (exit order), as in `step().done`."""
@@ -345,9 +348,7 @@ class Tracker:
         self.created += 1
         t.add(np.asarray(probs, np.float64).reshape(self.num_classes), False)
         self._emit(t, "frame")
-        probs, n = t.vote()
-        hits, last_ts, box = t.at_emit
-        return FruitVote(t.fruit_id, probs, hits, n, t.first_ts, last_ts, t.reason, box)
+        return t.fruit_vote()
 
     # ----------------------------------------------------------------------------------- helpers
     def _predict(self, t: _Track, ts: float) -> tuple[float, float]:
