@@ -42,6 +42,7 @@ returns the single-process `Dist` and nothing else changes. The loops (`search.t
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -223,9 +224,26 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not torch_dist.is_initialized():
+        _import_world_defaults()
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
         atexit.register(_shutdown)
     return Dist(rank, world, local_rank), dev
+
+
+# torch modules with `group=group.WORLD` default arguments: imported after init_process_group (the first
+# optimizer imports torch._dynamo, which imports torch.distributed.nn), they keep the default group alive
+# past destroy_process_group, and its gloo/store threads are then torn down with the interpreter, which
+# can abort the process at exit (SIGABRT, "terminate called without an active exception").
+_WORLD_DEFAULT_MODULES = ("torch.distributed.nn", "torch.distributed.optim", "torch.distributed.fsdp.sharded_grad_scaler")
+
+
+def _import_world_defaults() -> None:
+    """Import them while group.WORLD is still None, so their defaults hold None, not the group."""
+    for name in _WORLD_DEFAULT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another torch version's layout: nothing there to capture the group
+            pass
 
 
 _CONTROL: Any = None

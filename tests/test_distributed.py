@@ -14,6 +14,7 @@ compare only what the controller phase does.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -176,6 +177,33 @@ def test_all_reduce_gradients_keeps_unused_parameters_unused(tmp_path):
         g = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(g["both"], torch.full((3,), 3.0)) and g["none"] is None
         assert torch.equal(g["other"], torch.full((3,), 5.0))
+
+
+def _thread_names() -> list[str]:
+    return sorted(p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm"))
+
+
+def _teardown_rank_main(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist, _ = setup_distributed("cpu")
+    during = _thread_names()
+    torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)  # what a run does after joining: imports torch._dynamo
+    importlib.import_module("torch.distributed.nn")  # what torch._dynamo imports: defaults of group.WORLD
+    dist.all_gather(rank)
+    torch.distributed.destroy_process_group()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"during": during, "after": _thread_names()}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_destroying_the_group_stops_its_threads(tmp_path):
+    """The group must not outlive destroy_process_group: its gloo and TCPStore threads, torn down with the
+    interpreter instead, can abort a rank at exit (a CI run failed that way, SIGABRT)."""
+    mp.spawn(_teardown_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert any(n.startswith("gloo") for n in got["during"]), got  # not vacuous: the names are visible
+        assert not [n for n in got["after"] if n.startswith(("gloo", "pt_gloo", "pt_tcpstore"))], (rank, got)
 
 
 def _interrupt_rank_main(rank: int, world: int, port: int, out: str) -> None:
