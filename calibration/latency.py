@@ -1,6 +1,6 @@
 """Latency tables measured on the target: `mnet calibrate latency` and `mnet calibrate check`.
 
-Read top to bottom: `measure_table` enumerates every block the preset can contain, times each on the
+Read top to bottom: `measure_table` enumerates every block the search space can contain, times each on the
 chosen backend (warm-up, then repeats until the median is stable), writes the table after every entry
 (so an interrupted run resumes where it stopped), then fits the predictor's correction on whole random
 networks measured end to end. `check_table` measures other random networks and compares.
@@ -26,7 +26,7 @@ from mnet.io import write_json
 from mnet.latency_table import Entry, LatencyTable, arch_blocks, space_blocks
 
 from mnet.calibration.blocks import arch_model, block_inputs, block_model
-from mnet.calibration.predictor import LatencyPredictor, error_stats, fit_correction, load_table
+from mnet.calibration.predictor import LatencyPredictor, describe_space, error_stats, fit_correction, load_table
 
 __all__ = ["TimingConfig", "make_timer", "measure_table", "measure_archs", "check_table", "device_fingerprint"]
 
@@ -265,21 +265,27 @@ def measure_archs(timer, archs: list[Arch], progress: Progress = None) -> list[f
     return out
 
 
-def measure_table(preset: str, out: str | os.PathLike, *, backend: str = "onnxruntime", device: str = "cpu",
-                  precision: str = "fp32", threads: int | None = None, batch: int = 1, fit_archs: int = 10,
-                  seed: int = 0, timing: TimingConfig | None = None, progress: Progress = None) -> LatencyTable:
-    """Measure (or finish measuring) the latency table of `preset` on this machine and write it to `out`."""
-    space = get_preset(preset)
+def measure_table(space: str | SearchSpace, out: str | os.PathLike, *, backend: str = "onnxruntime",
+                  device: str = "cpu", precision: str = "fp32", threads: int | None = None, batch: int = 1,
+                  fit_archs: int = 10, seed: int = 0, timing: TimingConfig | None = None,
+                  progress: Progress = None) -> LatencyTable:
+    """Measure (or finish measuring) the latency table of `space` (a preset name or a `build_space` space)
+    on this machine and write it to `out`."""
+    space = get_preset(space) if isinstance(space, str) else space
     out = Path(out)
     timer = make_timer(backend, device, precision, threads, batch, timing)
     table = LatencyTable(device=device_fingerprint(backend, device, timer, threads), backend=backend,
                          precision=precision, batch=batch, space=space.to_json())
     if out.exists():
         old = load_table(out)
-        same = (old.backend, old.precision, old.batch, old.space, old.device) == \
-               (table.backend, table.precision, table.batch, table.space, table.device)
+        if old.space != table.space:
+            raise ConfigError(f"{out} holds a table for search space {describe_space(old.search_space())}, not "
+                              f"{describe_space(space)}; pass the space options it was measured with, a new --out, "
+                              "or delete it")
+        same = (old.backend, old.precision, old.batch, old.device) == \
+               (table.backend, table.precision, table.batch, table.device)
         if not same:
-            raise ConfigError(f"{out} holds a table for another target or preset ({old.fingerprint}); "
+            raise ConfigError(f"{out} holds a table for another target ({old.fingerprint}); "
                               "pass a new --out or delete it")
         table = replace(table, entries=dict(old.entries))
         log.info("resuming %s: %d entries already measured", out, len(old.entries))

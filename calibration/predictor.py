@@ -12,12 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
-from mnet.arch import Arch
+from mnet.arch import PRESETS, Arch, SearchSpace, build_space
 from mnet.errors import ConfigError
 from mnet.io import read_json
 from mnet.latency_table import Correction, LatencyTable, arch_blocks
 
-__all__ = ["LatencyPredictor", "load_table", "fit_correction", "kendall_tau", "error_stats"]
+__all__ = ["LatencyPredictor", "load_table", "calibrate_command", "describe_space", "fit_correction", "kendall_tau",
+           "error_stats"]
 
 
 def load_table(path: str | os.PathLike) -> LatencyTable:
@@ -37,15 +38,30 @@ class LatencyPredictor:
                               "command to finish it")
         return cls(table, str(path))
 
+    def check_space(self, space: SearchSpace) -> None:
+        """Refuse a search space whose architectures the table cannot price (other skeleton, classes or ops)."""
+        mine = self.table.search_space()
+        if not (_same_skeleton(mine, space) and set(space.ops) <= set(mine.ops)):
+            self._refuse(f"the search space is {describe_space(space)}", space)
+
     def check_arch(self, arch: Arch) -> None:
-        s = self.table.space
-        mine = {"width": arch.width, "input_hw": list(arch.input_hw), "stem_stride": arch.stem_stride,
-                "reductions": list(arch.reductions), "num_layers": arch.num_layers, "num_classes": arch.num_classes}
-        diff = {k: (s.get(k), v) for k, v in mine.items() if s.get(k) != v}
-        if diff:
-            raise ConfigError(f"{self.source} was measured for preset '{s.get('name')}' but the architecture "
-                              f"differs in {', '.join(diff)} (table, arch) = {diff}; measure a table for this preset "
-                              "with `mnet calibrate latency --preset ...`")
+        mine = self.table.search_space()
+        if mine.num_classes == arch.num_classes and mine.contains(arch):
+            return
+        # the arch does not say which space it came from: suggest the table's ops plus its own, on its skeleton
+        ks = sorted({k for k, _ in mine.ops} | {x.kernel for x in arch.layers})
+        ds = sorted({d for _, d in mine.ops} | {x.dilation for x in arch.layers})
+        wanted = build_space(_preset_of(mine), input_hw=arch.input_hw, layers=arch.num_layers, width=arch.width,
+                             stem_stride=arch.stem_stride, kernels=ks, dilations=ds).with_classes(arch.num_classes)
+        ops = sorted({(x.kernel, x.dilation) for x in arch.layers})
+        self._refuse(f"the architecture has {arch.num_layers} layers, width {arch.width}, input {arch.input_hw[0]}x"
+                     f"{arch.input_hw[1]}, stem stride {arch.stem_stride}, reductions after {list(arch.reductions)}, "
+                     f"{arch.num_classes} classes and ops (kernel, dilation) {ops}", wanted)
+
+    def _refuse(self, what: str, wanted: SearchSpace) -> None:
+        raise ConfigError(f"{self.source} was measured for search space {describe_space(self.table.search_space())} "
+                          f"but {what}; measure a table for it: `{calibrate_command(wanted)} --out ...` with your "
+                          "target's --backend and --precision")
 
     def raw_ms(self, arch: Arch) -> float:
         """Σ of the table entries of the arch's blocks (no correction)."""
@@ -54,8 +70,8 @@ class LatencyPredictor:
             entry = self.table.entries.get(key)
             if entry is None:
                 self.check_arch(arch)
-                raise ConfigError(f"{self.source}: no entry for block '{key}'; the table is incomplete or from "
-                                  "another preset — re-run `mnet calibrate latency`")
+                raise ConfigError(f"{self.source}: no entry for block '{key}'; the table is incomplete — re-run "
+                                  "the `mnet calibrate latency` command that wrote it")
             total += entry.p50_ms
         return total
 
@@ -64,6 +80,31 @@ class LatencyPredictor:
         return max(0.0, c.slope * self.raw_ms(arch) + c.per_block_ms * len(arch_blocks(arch)) + c.intercept_ms)
 
     __call__ = predict_ms
+
+
+def _same_skeleton(a: SearchSpace, b: SearchSpace) -> bool:
+    return all(getattr(a, k) == getattr(b, k)
+               for k in ("num_layers", "width", "input_hw", "stem_stride", "reductions", "num_classes"))
+
+
+def describe_space(space: SearchSpace) -> str:
+    """`SearchSpace.describe()` plus the classes, which a table's head block depends on."""
+    return f"{space.describe()} with {space.num_classes} classes"
+
+
+def _preset_of(space: SearchSpace) -> str:
+    base = space.name.split("+")[0]
+    return base if base in PRESETS else "tiny"
+
+
+def calibrate_command(space: SearchSpace) -> str:
+    """The `mnet calibrate latency` options that measure `space` (for error messages)."""
+    h, w = space.input_hw
+    ks = ",".join(str(k) for k in sorted({k for k, _ in space.ops}))
+    ds = ",".join(str(d) for d in sorted({d for _, d in space.ops}))
+    return (f"mnet calibrate latency --preset {_preset_of(space)} --input-size {h}x{w} --layers {space.num_layers} "
+            f"--width {space.width} --stem-stride {space.stem_stride} --kernels {ks} --dilations {ds} "
+            f"--num-classes {space.num_classes}")
 
 
 def fit_correction(raw_ms: Sequence[float], n_blocks: Sequence[int], measured_ms: Sequence[float]) -> Correction:

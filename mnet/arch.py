@@ -30,6 +30,10 @@ __all__ = [
     "PRESETS",
     "get_preset",
     "cropped_kernel",
+    "op_key",
+    "build_space",
+    "parse_hw",
+    "parse_ints",
 ]
 
 SCHEMA_VERSION = 1
@@ -37,6 +41,13 @@ KERNELS: tuple[int, ...] = tuple(range(3, 40, 4))  # 3, 7, ..., 39 (paper §3.2)
 DILATIONS: tuple[int, ...] = (1, 2)
 # The 20 ops, in the order the controller indexes them.
 OPS: tuple[tuple[int, int], ...] = tuple((k, d) for k in KERNELS for d in DILATIONS)
+
+
+def op_key(kernel: int, dilation: int, h: int, w: int) -> tuple[int, int, int]:
+    """What an op computes at an h×w map: (kh, kw, dilation) after cropping, the dilation 1 where the
+    kernel is 1×1. Ops with equal keys are the same function (and share weights in the supernet)."""
+    kh, kw = cropped_kernel(kernel, dilation, h, w)
+    return kh, kw, dilation if (kh, kw) != (1, 1) else 1
 
 
 def cropped_kernel(kernel: int, dilation: int, h: int, w: int) -> tuple[int, int]:
@@ -95,9 +106,11 @@ class Arch:
               "reductions", list(red), f"expected increasing distinct layer numbers in 1..{n - 1}")
         for i, layer in enumerate(self.layers, start=1):
             _need(isinstance(layer, Layer), f"layers[{i - 1}]", layer, "expected {kernel, dilation, skip}")
-            _need(layer.kernel in KERNELS, f"layers[{i - 1}].kernel", layer.kernel, f"expected one of {list(KERNELS)}")
-            _need(layer.dilation in DILATIONS, f"layers[{i - 1}].dilation", layer.dilation,
-                  f"expected one of {list(DILATIONS)}")
+            # any odd kernel and positive dilation: a search space may choose its own op set (--kernels)
+            _need(isinstance(layer.kernel, int) and layer.kernel >= 1 and layer.kernel % 2 == 1,
+                  f"layers[{i - 1}].kernel", layer.kernel, "expected an odd positive integer (e.g. 3, 7, ..., 39)")
+            _need(isinstance(layer.dilation, int) and layer.dilation >= 1, f"layers[{i - 1}].dilation", layer.dilation,
+                  "expected a positive integer (e.g. 1 or 2)")
             _need(layer.skip is None or (isinstance(layer.skip, int) and 0 <= layer.skip < i),
                   f"layers[{i - 1}].skip", layer.skip, f"expected null or a node in 0..{i - 1} (0 = stem)")
         h, w = self.node_hw(n)
@@ -207,7 +220,10 @@ class SearchSpace:
             # DESIGN: reductions after layers L/3 and 2L/3.
             red = tuple(sorted({max(1, self.num_layers // 3), max(1, 2 * self.num_layers // 3)} - {self.num_layers}))
             object.__setattr__(self, "reductions", red)
-        self.skeleton([Layer(*self.ops[0])] * self.num_layers)  # validates the skeleton
+        if not self.ops or len(set(self.ops)) != len(self.ops):
+            raise ConfigError(f"search space '{self.name}': ops {list(self.ops)} must be distinct and non-empty")
+        for op in self.ops:  # validates the skeleton and every op (Arch names the bad field)
+            self.skeleton([Layer(*op)] * self.num_layers)
 
     @property
     def num_ops(self) -> int:
@@ -216,6 +232,19 @@ class SearchSpace:
     def size(self) -> int:
         """Number of architectures: |ops|^L x (L+1)! (layer i has i+1 skip choices)."""
         return self.num_ops ** self.num_layers * math.factorial(self.num_layers + 1)
+
+    def op_keys(self, layer: int) -> list[tuple[int, int, int]]:
+        """`op_key` of every op at layer `layer` (1-based): equal keys are the same function there."""
+        hw = self.skeleton([Layer(*self.ops[0])] * self.num_layers).node_hw(layer)
+        return [op_key(k, d, *hw) for k, d in self.ops]
+
+    def effective_size(self) -> int:
+        """Distinct networks: exact cropping makes some ops identical at small maps (a 39x39 kernel on
+        6x8 is an 11x15), so each layer counts its distinct functions, not its ops."""
+        n = math.factorial(self.num_layers + 1)
+        for i in range(1, self.num_layers + 1):
+            n *= len(set(self.op_keys(i)))
+        return n
 
     def skeleton(self, layers: Sequence[Layer]) -> Arch:
         return Arch(self.input_hw, self.width, self.stem_stride, self.reductions, self.num_classes, tuple(layers))
@@ -266,6 +295,12 @@ class SearchSpace:
         return SearchSpace(self.name, self.num_layers, self.width, self.input_hw, self.stem_stride,
                            num_classes, self.ops, self.reductions)
 
+    def describe(self) -> str:
+        """One line naming the skeleton, for error messages."""
+        return (f"'{self.name}' ({self.num_layers} layers, width {self.width}, input {self.input_hw[0]}x"
+                f"{self.input_hw[1]}, stem stride {self.stem_stride}, kernels {sorted({k for k, _ in self.ops})}, "
+                f"dilations {sorted({d for _, d in self.ops})})")
+
 
 PRESETS: dict[str, SearchSpace] = {
     "tiny": SearchSpace("tiny", num_layers=4, width=16, input_hw=(24, 32), stem_stride=1),
@@ -279,3 +314,63 @@ def get_preset(name: str) -> SearchSpace:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}") from None
+
+
+def build_space(preset: str = "tiny", *, input_hw: Sequence[int] | None = None, layers: int | None = None,
+                width: int | None = None, stem_stride: int | None = None, kernels: Sequence[int] | None = None,
+                dilations: Sequence[int] | None = None) -> SearchSpace:
+    """A preset with any of its skeleton or op set replaced (`mnet search --input-size 28x28 --layers 6 ...`).
+
+    A user's crops are not 24x32 and 28x28 data should not be stretched, so every part of the space
+    can be chosen; a space that differs from its preset is named "<preset>+custom" so that no report
+    calls it by the preset's name.
+    """
+    base = get_preset(preset)
+    # checked here, not left to Arch, so that the message names the option rather than an arch field
+    for name, values, ok, want in (("kernels", kernels, lambda v: v >= 1 and v % 2 == 1, "odd positive integers"),
+                                   ("dilations", dilations, lambda v: v >= 1, "positive integers")):
+        if values is not None and not values:
+            raise ConfigError(f"--{name}: expected at least one value")
+        if values is not None and (len(set(values)) != len(values) or not all(ok(v) for v in values)):
+            raise ConfigError(f"--{name} {','.join(map(str, values))}: expected distinct {want}, e.g. "
+                              f"{'3,5,7' if name == 'kernels' else '1,2'}")
+    if stem_stride not in (None, 1, 2):
+        raise ConfigError(f"--stem-stride {stem_stride!r}: expected 1 or 2")
+    ops = base.ops
+    if kernels is not None or dilations is not None:
+        ks = tuple(kernels) if kernels is not None else tuple(sorted({k for k, _ in base.ops}))
+        ds = tuple(dilations) if dilations is not None else tuple(sorted({d for _, d in base.ops}))
+        ops = tuple((k, d) for k in ks for d in ds)
+    num_layers = layers if layers is not None else base.num_layers
+    kw = dict(num_layers=num_layers, width=width if width is not None else base.width,
+              input_hw=tuple(input_hw) if input_hw is not None else base.input_hw,
+              stem_stride=stem_stride if stem_stride is not None else base.stem_stride, ops=ops)
+    same = all(getattr(base, k) == v for k, v in kw.items())
+    for name, v in (("layers", num_layers), ("width", kw["width"])):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"--{name} {v!r}: expected a positive integer")
+    return SearchSpace(base.name if same else f"{base.name}+custom", **kw,
+                       reductions=base.reductions if same else ())
+
+
+def parse_hw(text: str, option: str = "--input-size") -> tuple[int, int]:
+    """'28x28' or '24,32' → (28, 28)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+        if h < 1 or w < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected HEIGHTxWIDTH, e.g. 28x28") from None
+    return h, w
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    """'3,5,7' → (3, 5, 7)."""
+    try:
+        values = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers, e.g. 3,5,7") from None
+    if not values:
+        raise ConfigError(f"{option} {text!r}: expected at least one integer")
+    return values

@@ -38,7 +38,7 @@ class DemoSizes:
 
     @classmethod
     def tiny(cls) -> "DemoSizes":
-        return cls(n_train=60, n_dev=30, n_test=30, supernet_epochs=1, controller_steps=4, derive_samples=2,
+        return cls(n_train=60, n_dev=30, n_test=30, supernet_epochs=1, controller_steps=5, derive_samples=2,
                    train_epochs=1, calib_samples=16, fruits=2, fit_archs=3)
 
 
@@ -92,7 +92,7 @@ def demo_stages(out: Path, sizes: DemoSizes = DemoSizes()) -> list[Stage]:
                                                   "--supernet-epochs", str(sizes.supernet_epochs),
                                                   "--controller-steps", str(sizes.controller_steps),
                                                   "--derive-samples", str(sizes.derive_samples), "--lr", "0.05",
-                                                  "--controller-lr", "0.005", "--batch-size", "64",
+                                                  "--batch-size", "64",
                                                   "--latency-table", str(table), "--latency-mode", "hard"),
               (search / "arch.json",), late=_with_budget(table), clean=(search,)),
         Stage("train from scratch", ("train", str(data), "--arch", str(search / "arch.json"), "--out", str(run),

@@ -111,7 +111,7 @@ class LatencyTable:
     backend: str
     precision: str
     batch: int
-    space: dict[str, Any]  # SearchSpace.to_json() of the preset measured
+    space: dict[str, Any]  # SearchSpace.to_json() of the space measured
     entries: dict[str, Entry] = field(default_factory=dict)
     correction: Correction = Correction()
     complete: bool = False
@@ -126,6 +126,9 @@ class LatencyTable:
             raise ConfigError(f"latency table field 'precision' = {self.precision!r}: expected fp32, fp16 or int8")
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ConfigError(f"latency table field 'batch' = {self.batch!r}: expected a positive integer")
+
+    def search_space(self) -> SearchSpace:
+        return SearchSpace.from_json(self.space)
 
     @property
     def fingerprint(self) -> str:

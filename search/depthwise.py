@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from mnet.search.dense import MAX_DENSE_ELEMENTS, dense_depthwise
 from mnet.search.fft import autocast_dtype, fft_depthwise
 from torch import nn
@@ -39,14 +40,20 @@ IMPLS = ("conv", "dense", "fft")
 _CHOICE_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
-def depthwise(x: torch.Tensor, conv: nn.Conv2d, impl: str) -> torch.Tensor:
-    """`conv(x)` (a depthwise, 'same'-padded nn.Conv2d) computed by implementation `impl`."""
+def depthwise(x: torch.Tensor, conv: nn.Conv2d, impl: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`conv(x)` (a depthwise, 'same'-padded nn.Conv2d) computed by implementation `impl`; with `weight`
+    (e.g. the centre of a larger kernel, search.supernet's entangled ops) that kernel replaces conv's."""
+    if weight is not None and impl == "conv":
+        kh, kw = weight.shape[-2:]
+        d = conv.dilation[0]
+        return F.conv2d(x, weight, padding=(d * (kh // 2), d * (kw // 2)), dilation=d, groups=weight.shape[0])
+    weight = conv.weight if weight is None else weight
     if impl == "conv":
         return conv(x)
     if impl == "dense":
-        return dense_depthwise(x, conv.weight, conv.dilation[0])
+        return dense_depthwise(x, weight, conv.dilation[0])
     if impl == "fft":
-        return fft_depthwise(x, conv.weight, conv.dilation[0])
+        return fft_depthwise(x, weight, conv.dilation[0])
     raise ConfigError(f"depthwise implementation {impl!r}: expected one of {', '.join(IMPLS)}")
 
 

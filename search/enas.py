@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnet.arch import Arch, SearchSpace, get_preset
+from mnet.arch import Arch, SearchSpace, build_space
 from mnet.data import Split
 from mnet.errors import CheckpointError, ConfigError, DataError
 from mnet.io import write_json
@@ -65,6 +65,7 @@ from mnet.search.distributed import setup as setup_distributed
 from mnet.search.derive import Candidate, derive, derive_meta, write_derived
 from mnet.search.supernet import (
     BN_MODES,
+    SHARING,
     Evaluator,
     RewardFn,
     Supernet,
@@ -92,7 +93,7 @@ SCHEDULES = ("two-stage", "alternating")
 
 # Every random stream has its own generator, seeded at seed + offset: streams that share a seed would
 # draw the same numbers for different purposes.
-_ARCH_SEED, _EVAL_SEED, _AGENT_SEED = 1, 2, 3
+_ARCH_SEED, _EVAL_SEED, _AGENT_SEED, _PROBE_SEED = 1, 2, 3, 4
 
 # progress(stage, done, total, info): stage is "batch" (within a supernet epoch), "supernet" (an epoch
 # ended, info = its metrics), "controller" (a step ended, info = its metrics) or "derive".
@@ -102,6 +103,13 @@ Progress = Optional[Callable[[str, int, int, dict], None]]
 @dataclass(frozen=True)
 class SearchConfig:
     preset: str = "mnet-24-32"
+    # any part of the preset's space replaced from the command line (None = the preset's; mnet.arch.build_space)
+    input_hw: tuple[int, int] | None = None
+    layers: int | None = None
+    width: int | None = None
+    stem_stride: int | None = None
+    kernels: tuple[int, ...] | None = None
+    dilations: tuple[int, ...] | None = None
     strategy: str = "enas"
     schedule: str = "two-stage"
     supernet_epochs: int = 100  # Table 1
@@ -113,11 +121,19 @@ class SearchConfig:
     lr_schedule: str = "cosine"  # ENAS anneals the shared weights; "constant" keeps Table 1's 0.01
     flip_p: float = 0.5  # paper §4: horizontal flip augmentation
     controller: ControllerConfig = field(default_factory=ControllerConfig)
-    controller_batch: int = 1  # scored architectures per controller update (global under torchrun)
+    # scored architectures per controller update (global under torchrun), all on one minibatch: the
+    # leave-one-out baseline needs >= 2 (measured with search/planted.py: 5 learnt most in 5000 samples)
+    controller_batch: int = 5
     bn: str = "batch"  # how a sampled path is scored: see search/supernet.py
+    sharing: str = "entangled"  # how the supernet's ops share weights: see search/supernet.py SHARING
     val_fraction: float = 0.2
     checkpoint_every: int = 100  # controller steps between saves
     topk: int = 10
+    rescore_top: int = 10  # best-of-N candidates re-scored on the whole reward split (search.derive)
+    # fixed uniform architectures scored on `probe_images` reward images after every supernet epoch
+    # (metrics.jsonl "probe_acc", probes.png): whether the supernet has learnt to tell them apart
+    probe_archs: int = 8
+    probe_images: int = 512
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -125,7 +141,11 @@ class SearchConfig:
     compile: bool = False  # torch.compile each op module (GPU runs; search.enas.SupernetTrainer.fast_path)
 
     def __post_init__(self) -> None:
-        get_preset(self.preset)  # raises naming the presets
+        for name in ("input_hw", "kernels", "dilations"):  # JSON gives lists; equality (resume) wants tuples
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, name, tuple(v))
+        self.space()  # raises naming the preset or the bad part of the space
         checks = [
             ("strategy", self.strategy in STRATEGIES, f"expected one of {', '.join(STRATEGIES)}"),
             ("schedule", self.schedule in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}"),
@@ -145,9 +165,13 @@ class SearchConfig:
             ("lr_schedule", self.lr_schedule in ("cosine", "constant"), "expected cosine or constant"),
             ("flip_p", 0 <= self.flip_p <= 1, "expected in [0, 1]"),
             ("bn", self.bn in BN_MODES, f"expected one of {', '.join(BN_MODES)}"),
+            ("sharing", self.sharing in SHARING, f"expected one of {', '.join(SHARING)}"),
             ("val_fraction", 0 < self.val_fraction < 1, "expected in (0, 1)"),
             ("checkpoint_every", self.checkpoint_every >= 1, "expected >= 1"),
             ("topk", self.topk >= 1, "expected >= 1"),
+            ("rescore_top", self.rescore_top >= 0, "expected >= 0 (0 = keep the minibatch ranking)"),
+            ("probe_archs", self.probe_archs >= 0, "expected >= 0"),
+            ("probe_images", self.probe_images >= 1, "expected >= 1"),
             ("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              "expected auto, cpu or cuda"),
         ]
@@ -155,6 +179,11 @@ class SearchConfig:
             if not ok:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"search option {flag} = {getattr(self, name)!r}: {fix}")
+
+    def space(self) -> SearchSpace:
+        """The search space: the preset with this config's replacements (classes are set from the data)."""
+        return build_space(self.preset, input_hw=self.input_hw, layers=self.layers, width=self.width,
+                           stem_stride=self.stem_stride, kernels=self.kernels, dilations=self.dilations)
 
     @property
     def controller_steps(self) -> int:
@@ -203,7 +232,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
     report = progress or (lambda *_: None)
 
     # data: 80% of the train split trains the supernet, the other 20% scores architectures
-    space = get_preset(cfg.preset)
+    space = cfg.space()
     preprocess = Preprocess(space.input_hw)
     train_split = (splits or load_splits(data_root, preprocess, ("train",)))["train"]
     space = space.with_classes(len(train_split.classes))
@@ -244,7 +273,15 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
         report("batch", done, total, {"epoch": trainer.epoch + 1})
         interrupt.check()
 
+    probe_rng = random.Random(cfg.seed + _PROBE_SEED)
+    probes = [space.sample(probe_rng) for _ in range(cfg.probe_archs)]
+    probe_idx = np.sort(np.random.default_rng(cfg.seed + _PROBE_SEED).permutation(val_idx)[:cfg.probe_images])
+    prober = Evaluator(trainer.supernet, DeviceData(train_split, preprocess, device, probe_idx), cfg.batch_size,
+                       bn=cfg.bn, amp=cfg.amp) if probes else None
+
     def end_epoch(record: dict) -> None:
+        if prober is not None:  # every rank alike: no collective, the same numbers
+            record["probe_acc"] = [prober.split_score(a).accuracy for a in probes]
         files.log(record)
         files.save_supernet(trainer)
         report("supernet", trainer.epoch, cfg.supernet_epochs, record)
@@ -301,7 +338,8 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
     t0 = time.time()
     n = cfg.derive_budget
     candidates = derive(space, evaluator, agent.controller if agent else None, samples=n, seed=cfg.seed,
-                        on_sample=lambda i, total: report("derive", i, total, {}), dist=dist)
+                        on_sample=lambda i, total: report("derive", i, total, {}), dist=dist,
+                        rescore_top=cfg.rescore_top)
     if dist.is_main:
         best = write_derived(out, candidates, derive_meta(cfg.strategy, n, False, cfg), cfg.topk)
     else:  # every rank holds the same gathered candidates; only rank 0 writes them
@@ -356,7 +394,7 @@ class SupernetTrainer:
         self.cfg, self.data, self.dist = cfg, data, dist
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # initial weights are part of the seeded run
-            self.supernet = dist.wrap_batchnorm(Supernet(space).to(device), device)
+            self.supernet = dist.wrap_batchnorm(Supernet(space, sharing=cfg.sharing).to(device), device)
         self.optimizer = torch.optim.SGD(self.supernet.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # shuffles and flips
@@ -455,11 +493,12 @@ def train_controller(agent: Reinforce, evaluator: Evaluator, until: int, *, batc
                      on_step: Callable[[dict], None] | None = None,
                      on_update: Callable[[list[dict]], None] | None = None) -> None:
     """REINFORCE until `agent.step == until` scored architectures: each update samples `batch` paths,
-    scores each on one validation minibatch and averages the policy gradient over them. Reusable on any
-    saved supernet (e.g. a re-search with a latency reward).
+    scores all of them on one validation minibatch and averages the policy gradient over them.
+    Reusable on any saved supernet (e.g. a re-search with a latency reward).
 
-    Sample k of the run (k = `agent.step` + position in the batch) takes its path and its minibatch
-    from generators seeded by (agent seed, k), so the result does not depend on which process scores
+    Sample k of the run (k = `agent.step` + position in the batch) takes its path from a generator
+    seeded by (agent seed, k), and the update's minibatch comes from (agent seed, its first k), so the
+    result does not depend on which process scores
     it: under torchrun (`dist`) rank r scores positions r, r + N, … of each batch, the records are
     all-gathered and every rank takes the same update (search.distributed). `on_step(record)` then
     sees each sample's record in sample order, `on_update(records)` the update's; both on every rank.
@@ -472,9 +511,12 @@ def train_controller(agent: Reinforce, evaluator: Evaluator, until: int, *, batc
         t0 = time.time()
         first, update = agent.step, agent.step // batch + 1
         mine, local = [], []
+        # one minibatch for the whole update: its difficulty is shared, so the leave-one-out baseline
+        # cancels it (issue 13: per-architecture minibatches made the advantage mostly minibatch luck)
+        minibatch = evaluator.val_data.sample_batch(bs, stream(agent.seed, "reward", first))
         for i in range(dist.rank, batch, dist.world_size):
             arch, log_p, entropy = agent.sample(first + i)
-            score = evaluator(arch, evaluator.val_data.sample_batch(bs, stream(agent.seed, "reward", first + i)))
+            score = evaluator(arch, minibatch)
             mine.append((i, log_p, entropy))
             local.append({"i": i, "reward": score.reward, "accuracy": score.accuracy,
                           "entropy": float(entropy.detach()), "log_prob": float(log_p.detach()),
@@ -577,6 +619,9 @@ class _RunFiles:
             "dataset": self.meta["dataset"],
             "classes": self.meta["classes"],
             "space": self.meta["space"],
+            # exact cropping makes some ops one function at small maps: the distinct networks are fewer
+            "space_size": trainer.supernet.space.size(),
+            "space_effective_size": trainer.supernet.space.effective_size(),
             "supernet_images": len(trainer.data),
             "reward_images": len(self.meta["val_indices"]),
             "device": str(device),
@@ -707,7 +752,7 @@ def open_run(run, *, reward: RewardFn | None = None, device: str = "auto",
     train_idx, val_idx = split_train_val(train_split.labels, cfg.val_fraction, cfg.seed)
     if val_idx.tolist() != raw["val_indices"].tolist():
         raise CheckpointError(f"{run}: the dataset's train split differs from the one searched on")
-    supernet = Supernet(space).to(dev)
+    supernet = Supernet(space, sharing=cfg.sharing).to(dev)
     supernet.load_state_dict(raw["model"])
     restore_depthwise(supernet, raw)
     agent = None

@@ -33,9 +33,16 @@ class SepConv(nn.Module):
         self.pw = nn.Conv2d(channels, channels, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = depthwise(F.relu(x), self.dw, self.impl)
+    def forward(self, x: torch.Tensor, kernel_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """`kernel_hw`: run with the centre (kh, kw) of this op's kernel (the supernet's entangled ops)."""
+        x = depthwise(F.relu(x), self.dw, self.impl, None if kernel_hw is None else self.centre(kernel_hw))
         return self.bn2(self.pw(self.bn1(x)))
+
+    def centre(self, kernel_hw: tuple[int, int]) -> torch.Tensor:
+        """The centre kh×kw taps of the depthwise kernel (a smaller kernel nested in this one)."""
+        kh, kw = kernel_hw
+        h0, w0 = (self.dw.weight.shape[2] - kh) // 2, (self.dw.weight.shape[3] - kw) // 2
+        return self.dw.weight[:, :, h0:h0 + kh, w0:w0 + kw]
 
 
 class Stem(nn.Module):

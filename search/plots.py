@@ -65,6 +65,11 @@ def plot_search(out: str | os.PathLike, records: Sequence[dict], policy: Sequenc
                                            "accuracy": (ep, [r["acc"] for r in sup])},
                     "epoch", "train (sampled paths)", "supernet")
         written.append(out / "supernet.png")
+        if all("probe_acc" in r for r in sup) and sup[0]["probe_acc"]:
+            plot_curves(out / "probes.png", {f"probe {j}": (ep, [r["probe_acc"][j] for r in sup])
+                                             for j in range(len(sup[0]["probe_acc"]))},
+                        "epoch", "accuracy on reward images", "fixed probe architectures (ranking stable?)")
+            written.append(out / "probes.png")
     ctl = [r for r in records if r["stage"] == "controller"]
     if ctl:
         steps = [r["step"] for r in ctl]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from mnet.search.controller import ControllerConfig, Reinforce
-from mnet.search.derive import Candidate, derive, write_derived
+from mnet.search.derive import Candidate, derive, derive_meta, write_derived
 from mnet.search.enas import _AGENT_SEED, OpenRun, open_run, train_controller
 from mnet.search.supernet import RewardFn
 
@@ -66,12 +66,13 @@ def research(opened: OpenRun, out: str | os.PathLike, reward: RewardFn, *, steps
         if progress:
             progress("controller", record["step"], ccfg.steps, record)
 
-    train_controller(agent, opened.evaluator, ccfg.steps, on_step=on_step)
+    train_controller(agent, opened.evaluator, ccfg.steps, batch=cfg.controller_batch, on_step=on_step)
     with atomic_path(out / "controller.pt") as tmp:
         torch.save({"agent": agent.state_dict()}, tmp)
     candidates = derive(opened.space, opened.evaluator, agent.controller, samples=samples, seed=seed,
-                        on_sample=(lambda d, t: progress("derive", d, t, {})) if progress else None)
-    best = write_derived(out, candidates, {"strategy": "enas", "method": "best-of-n", "samples": samples,
+                        on_sample=(lambda d, t: progress("derive", d, t, {})) if progress else None,
+                        rescore_top=cfg.rescore_top)
+    best = write_derived(out, candidates, {**derive_meta("enas", samples, False, cfg),
                                            "research_of": str(meta.get("run")) if meta else None}, cfg.topk)
     seconds = time.time() - t0
     annotate_arch(out, meta or {}, best)

@@ -1,9 +1,17 @@
-"""The ENAS supernet: every (layer, op) owns its weights; a forward runs one sampled architecture.
+"""The ENAS supernet: every (layer, distinct op) owns its weights; a forward runs one sampled architecture.
 
-Layer i holds one `SepConv` per op of the search space, built exactly as the standalone `MNet` builds
-it (kernel cropped to layer i's feature size), so a sampled sub-network's weights copy 1:1 into
+Layer i holds one `SepConv` per *distinct* op of the search space, built exactly as the standalone
+`MNet` builds it (kernel cropped to layer i's feature size). Ops that crop to the same (kh, kw,
+dilation) at layer i are the same function there (`mnet.arch.op_key`: at 6×8 only 6 of the 20 paper
+ops differ), so they share one module: exact, and each distinct function gets all of its updates
+instead of 1/20 of them (issue 13: separate copies starved every op). A sampled sub-network's weights copy 1:1 into
 `MNet(arch)` (`child_state_dict`, `child`) and give identical outputs. Skips have no weights: any
 earlier node can be added, and `forward` is `search.ops.forward_arch` — the one forward both use.
+
+``sharing="entangled"`` goes further (Once-for-All's elastic kernel, without its learned kernel
+transform): per layer and dilation one module at the largest kernel, every smaller kernel its centre
+taps, BN and pointwise shared, so every step trains every layer. Which mode ranks architectures more
+like standalone training is measured, not assumed (bench/search_real.py, "supernet_fidelity").
 
 BatchNorm. Each (layer, op) has its own BN (ENAS practice), but what an op sees depends on the path
 before it (earlier ops, skips), so running statistics accumulated while training many paths describe
@@ -37,6 +45,7 @@ did as well.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 from collections.abc import Iterable, Iterator
@@ -58,6 +67,7 @@ from mnet.search.train import autocast
 
 __all__ = [
     "BN_MODES",
+    "SHARING",
     "Supernet",
     "batch_stats",
     "recalibrate_bn",
@@ -68,6 +78,10 @@ __all__ = [
 ]
 
 BN_MODES = ("batch", "running", "recalibrate")
+# How ops share weights (module docstring): "exact" — only ops that are the same function after cropping;
+# "entangled" — every kernel of a dilation is the centre of that layer's largest (Once-for-All's elastic
+# kernel, without its learned transform), sharing BN and pointwise too.
+SHARING = ("exact", "entangled")
 
 # reward(arch, accuracy) -> (reward, extras): extras (e.g. a predicted latency) are logged per sample
 # and stored with the top-k. `mnet.search.reward` has the paper's accuracy reward and the latency-aware
@@ -78,16 +92,30 @@ RewardFn = Callable[[Arch, float], tuple[float, dict[str, Any]]]
 class Supernet(nn.Module):
     """Stem, L×|ops| candidate `SepConv`s and the head; `forward(x, arch)` runs only `arch`'s path."""
 
-    def __init__(self, space: SearchSpace, dropout: float = 0.0):
+    def __init__(self, space: SearchSpace, dropout: float = 0.0, sharing: str = "exact"):
         super().__init__()
-        self.space = space
+        if sharing not in SHARING:
+            raise ConfigError(f"supernet sharing {sharing!r}: expected one of {', '.join(SHARING)}")
+        self.space, self.sharing = space, sharing
         # Feature sizes do not depend on the choices, only on the skeleton.
         skeleton = space.skeleton([Layer(*space.ops[0])] * space.num_layers)
         self.stem = Stem(space.width, space.stem_stride)
-        self.cells = nn.ModuleList(
-            nn.ModuleList(SepConv(space.width, k, d, skeleton.node_hw(i)) for k, d in space.ops)
-            for i in range(1, space.num_layers + 1)
-        )
+        self.cells = nn.ModuleList()
+        self.op_module: list[list[int]] = []  # [layer][op index] → index into cells[layer]
+        self.op_crop: list[list[tuple[int, int] | None]] = []  # [layer][op index] → centre taps, None = all
+        for i in range(1, space.num_layers + 1):
+            hw = skeleton.node_hw(i)
+            keys = space.op_keys(i)
+            # exact: one module per distinct function; entangled: one per dilation, built at the largest kernel
+            groups = keys if sharing == "exact" else [d for _, d in space.ops]
+            distinct = list(dict.fromkeys(groups))
+            builder = {}  # group → the op that builds its module: the largest kernel (ops ascend in size)
+            for op, key, group in zip(space.ops, keys, groups):
+                if group not in builder or key[0] * key[1] > builder[group][1][0] * builder[group][1][1]:
+                    builder[group] = (op, key)
+            self.op_module.append([distinct.index(g) for g in groups])
+            self.op_crop.append([None if key == builder[g][1] else key[:2] for key, g in zip(keys, groups)])
+            self.cells.append(nn.ModuleList(SepConv(space.width, *builder[g][0], hw) for g in distinct))
         self.head = Head(space.width, space.num_classes, dropout)
 
     def _check(self, arch: Arch) -> None:
@@ -96,13 +124,20 @@ class Supernet(nn.Module):
                               f"({self.space.num_layers} layers, width {self.space.width}, input "
                               f"{list(self.space.input_hw)}, {self.space.num_classes} classes)")
 
+    def _choices(self, arch: Arch) -> list[tuple[SepConv, tuple[int, int] | None]]:
+        out = []
+        for i, layer in enumerate(arch.layers):
+            j = self.space.ops.index((layer.kernel, layer.dilation))
+            out.append((self.cells[i][self.op_module[i][j]], self.op_crop[i][j]))
+        return out
+
     def path(self, arch: Arch) -> list[SepConv]:
-        """The op module each layer of `arch` uses."""
-        return [self.cells[i][self.space.ops.index((layer.kernel, layer.dilation))]
-                for i, layer in enumerate(arch.layers)]
+        """The op module each layer of `arch` uses (entangled: the module its kernel is nested in)."""
+        return [m for m, _ in self._choices(arch)]
 
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
-        return self.head(forward_arch(x, arch, self.stem, self.path(arch)))
+        cells = [m if crop is None else functools.partial(m, kernel_hw=crop) for m, crop in self._choices(arch)]
+        return self.head(forward_arch(x, arch, self.stem, cells))
 
     def path_modules(self, arch: Arch) -> Iterator[nn.Module]:
         """Every module the forward of `arch` touches (for BN handling of that path only)."""
@@ -116,8 +151,11 @@ class Supernet(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for prefix, module in (("stem", self.stem), ("head", self.head)):
             out.update({f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
-        for i, cell in enumerate(self.path(arch)):
-            out.update({f"cells.{i}.{k}": v.detach().clone() for k, v in cell.state_dict().items()})
+        for i, (cell, crop) in enumerate(self._choices(arch)):
+            state = cell.state_dict()
+            if crop is not None:
+                state["dw.weight"] = cell.centre(crop)
+            out.update({f"cells.{i}.{k}": v.detach().clone() for k, v in state.items()})
         return out
 
     def child(self, arch: Arch, dropout: float = 0.0) -> MNet:
@@ -183,7 +221,7 @@ def load_supernet(path: str | os.PathLike, map_location: str | torch.device = "c
             from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("kind") != "supernet":
         raise CheckpointError(f"{path}: not an mnet supernet checkpoint (written by `mnet search`)")
-    net = Supernet(SearchSpace.from_json(raw["space"]))
+    net = Supernet(SearchSpace.from_json(raw["space"]), sharing=(raw.get("config") or {}).get("sharing", "exact"))
     try:
         net.load_state_dict(raw["model"])
     except RuntimeError as e:
@@ -244,6 +282,15 @@ class Evaluator:
 
     def accuracy(self, arch: Arch, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((self.logits(arch, x).argmax(1) == y).float().mean())
+
+    def split_score(self, arch: Arch) -> Score:
+        """`arch` scored on every reward image (in minibatches of `batch_size`, the BN mode as for one)."""
+        correct = 0
+        for x, y in self.val_data.batches(self.batch_size):
+            correct += int((self.logits(arch, x).argmax(1) == y).sum())
+        acc = correct / len(self.val_data)
+        reward, extras = self.reward(arch, acc)
+        return Score(float(reward), acc, dict(extras))
 
     def __call__(self, arch: Arch, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> Score:
         """Score `arch` on `batch`, or on the next validation minibatch."""

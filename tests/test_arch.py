@@ -45,8 +45,8 @@ def test_arch_validation_names_the_field(field, value, needle):
 
 
 @pytest.mark.parametrize("layer,needle", [
-    ({"kernel": 5, "dilation": 1, "skip": None}, r"layers\[1\].kernel"),
-    ({"kernel": 3, "dilation": 3, "skip": None}, r"layers\[1\].dilation"),
+    ({"kernel": 4, "dilation": 1, "skip": None}, r"layers\[1\].kernel"),  # any odd kernel is valid (--kernels)
+    ({"kernel": 3, "dilation": 0, "skip": None}, r"layers\[1\].dilation"),
     ({"kernel": 3, "dilation": 1, "skip": 2}, r"layers\[1\].skip"),
     ({"kernel": 3, "dilation": 1, "skip": -1}, r"layers\[1\].skip"),
 ])

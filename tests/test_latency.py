@@ -137,5 +137,5 @@ def test_corrupt_and_foreign_tables(tmp_path):
     space = PRESETS["tiny"]
     entries = {k: Entry(0.1, 0.1, 1) for k in space_blocks(space)}
     foreign = PRESETS["mnet-24-32"].sample(random.Random(0))
-    with pytest.raises(ConfigError, match="preset 'tiny'"):
+    with pytest.raises(ConfigError, match="search space 'tiny'"):
         LatencyPredictor(_table(entries)).predict_ms(foreign)

@@ -15,7 +15,7 @@ def runs(colour_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     s = root / "search"
     search(colour_data, s, SearchConfig(preset="tiny", supernet_epochs=1, derive_samples=2, batch_size=32,
-                                        controller=ControllerConfig(steps=3), fast_depthwise=False), plots=False)
+                                        controller=ControllerConfig(steps=4), controller_batch=2, fast_depthwise=False), plots=False)
     assert main(["train", str(colour_data), "--arch", str(s / "arch.json"), "--out", str(root / "mnet"),
                  "--epochs", "1", "--batch-size", "32", "--lr", "0.05"]) == 0
     assert main(["evaluate", str(root / "mnet" / "best.pt"), str(colour_data), "--json",

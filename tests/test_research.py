@@ -41,7 +41,7 @@ def table_path(tmp_path_factory):
 def supernet_run(colour_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("search") / "s"
     cfg = SearchConfig(preset="tiny", supernet_epochs=1, derive_samples=4, batch_size=32, lr=0.05,
-                       controller=ControllerConfig(steps=4), fast_depthwise=False)
+                       controller=ControllerConfig(steps=4), controller_batch=2, fast_depthwise=False)
     search(colour_data, out, cfg, plots=False)
     return out
 
@@ -64,7 +64,8 @@ def test_tight_budget_finds_faster_archs(supernet_run, table_path, tmp_path):
 def test_search_and_research_cli(colour_data, supernet_run, table_path, tmp_path):
     out = tmp_path / "s2"
     assert main(["search", str(colour_data), "--preset", "tiny", "--out", str(out), "--supernet-epochs", "1",
-                 "--controller-steps", "3", "--derive-samples", "2", "--batch-size", "32", "--no-fast-depthwise",
+                 "--controller-steps", "4", "--controller-batch", "2", "--derive-samples", "2", "--batch-size", "32",
+                 "--no-fast-depthwise",
                  "--latency-table", str(table_path), "--latency-budget-ms", "0.05"]) == 0
     arch = json.loads((out / "arch.json").read_text())
     assert arch["search"]["latency_budget_ms"] == 0.05 and arch["search"]["predicted_latency_ms"] > 0
@@ -73,7 +74,7 @@ def test_search_and_research_cli(colour_data, supernet_run, table_path, tmp_path
     assert main(["train", str(colour_data), "--arch", str(out / "arch.json"), "--out", str(tmp_path / "r"),
                  "--epochs", "1", "--batch-size", "32"]) == 0
     assert main(["research", str(supernet_run), "--latency-table", str(table_path), "--budgets", "0.02,0.05",
-                 "--out", str(tmp_path / "s3"), "--controller-steps", "3", "--derive-samples", "2"]) == 0
+                 "--out", str(tmp_path / "s3"), "--controller-steps", "4", "--derive-samples", "2"]) == 0
     pareto = json.loads((tmp_path / "s3" / "pareto.json").read_text())
     assert [p["budget_ms"] for p in pareto["points"]] == [0.02, 0.05]
     assert (tmp_path / "s3" / "pareto.png").stat().st_size > 0

@@ -9,7 +9,7 @@ import pytest
 from mnet.arch import Arch
 from mnet.cli import main
 
-TINY = ["--preset", "tiny", "--supernet-epochs", "1", "--controller-steps", "3", "--derive-samples", "2",
+TINY = ["--preset", "tiny", "--supernet-epochs", "1", "--controller-steps", "4", "--controller-batch", "2", "--derive-samples", "2",
         "--batch-size", "32", "--device", "cpu", "--no-fast-depthwise"]
 
 

@@ -170,7 +170,7 @@ def test_sample_k_depends_on_seed_and_k_only():
 
 
 def test_batch_update_averages_over_the_batch_against_the_baseline_before_it():
-    cfg = ControllerConfig(lr=0.05, baseline_decay=0.5, entropy_weight=0.01)
+    cfg = ControllerConfig(lr=0.05, baseline_decay=0.5, entropy_weight=0.01, baseline="ema")
     agent = Reinforce(TINY, cfg, seed=1)
     agent.baseline = 0.4
     ref = Reinforce(TINY, cfg, seed=1)

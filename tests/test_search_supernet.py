@@ -131,7 +131,8 @@ def test_recalibrate_is_the_exact_mean_over_batches():
 
 
 def test_load_supernet_round_trip(supernet, tmp_path):
-    impls = [("conv", "dense", "fft")[i % 3] for i in range(80)]
+    n = len(depthwise_impls(supernet))
+    impls = [("conv", "dense", "fft")[i % 3] for i in range(n)]
     save_checkpoint(tmp_path / "supernet.pt", {"kind": "supernet", "space": TINY.to_json(),
                                                "model": supernet.state_dict(), "depthwise": impls})
     net, _ = load_supernet(tmp_path / "supernet.pt")
@@ -142,7 +143,7 @@ def test_load_supernet_round_trip(supernet, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(net.eval()(x, ARCHS[0]), supernet.eval()(x, ARCHS[0]), rtol=0, atol=0)
     finally:
-        set_depthwise_impls(supernet, ["conv"] * 80)
+        set_depthwise_impls(supernet, ["conv"] * n)
     save_checkpoint(tmp_path / "other.pt", {"kind": "mnet"})
     with pytest.raises(CheckpointError, match="not an mnet supernet"):
         load_supernet(tmp_path / "other.pt")
@@ -179,3 +180,45 @@ def test_evaluator_modes_score_without_touching_the_supernet(supernet, colour_da
     assert not torch.allclose(scores["running"], scores["recalibrate"])
     with pytest.raises(ConfigError, match="calib_data"):
         Evaluator(supernet, val, 8, bn="recalibrate")
+
+
+def test_ops_identical_after_cropping_share_one_module(supernet):
+    """Issue 13 item 3: at 6×8 a 39×39 kernel is an 11×15, so k = 15…39 (d = 1) are one function."""
+    keys = TINY.op_keys(4)  # layer 4 runs at 6×8
+    assert len(set(keys)) < len(keys) and len(supernet.cells[3]) == len(set(keys))
+    for i in range(1, TINY.num_layers + 1):
+        assert len(supernet.cells[i - 1]) == len(set(TINY.op_keys(i)))
+    a = TINY.skeleton([Layer(3, 1), Layer(3, 1), Layer(3, 1), Layer(27, 1)])
+    b = a.replace_layers([*a.layers[:3], Layer(39, 1)])
+    assert supernet.path(a)[3] is supernet.path(b)[3]
+    assert supernet.path(a)[3] is not supernet.path(a.replace_layers([*a.layers[:3], Layer(11, 1)]))[3]
+    x = torch.randn(2, 3, 24, 32)
+    with torch.no_grad():
+        assert torch.equal(supernet.eval()(x, a), supernet.child(b).eval()(x))
+    assert TINY.effective_size() < TINY.size()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(f"{x.kernel}.{x.dilation}.{x.skip}" for x in a.layers))
+def test_entangled_path_equals_standalone_with_the_centre_taps(arch):
+    """Entangled sharing: one module per (layer, dilation); a smaller kernel is the largest's centre,
+    and its child is exactly that network (forward and gradients reach the shared taps only)."""
+    torch.manual_seed(0)
+    net = Supernet(TINY, sharing="entangled")
+    _trained_looking(net)
+    assert all(len(cells) == 2 for cells in net.cells)
+    x = torch.randn(4, 3, 24, 32)
+    child = net.child(arch)
+    net.eval(), child.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, arch), child(x), rtol=1e-5, atol=1e-5)
+    net.train()
+    net(x, arch).square().sum().backward()
+    for i, (cell, layer) in enumerate(zip(net.path(arch), arch.layers), start=1):
+        kh, kw = arch.layer_kernel_hw(i)
+        g = cell.dw.weight.grad
+        h0, w0 = (g.shape[2] - kh) // 2, (g.shape[3] - kw) // 2
+        outside = g.clone()
+        outside[:, :, h0:h0 + kh, w0:w0 + kw] = 0
+        assert g.abs().sum() > 0 and outside.abs().sum() == 0
+    with pytest.raises(ConfigError, match="sharing"):
+        Supernet(TINY, sharing="nope")

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mnet.cli._common import console
+from mnet.cli._common import (DilationsOpt, InputSizeOpt, KernelsOpt, LayersOpt, StemStrideOpt, WidthOpt, console,
+                              space_options)
 
 arch_app = typer.Typer(help="Architectures: sample, show.", no_args_is_help=True)
 
@@ -24,16 +25,33 @@ def load_arch(path: Path):
 
 @arch_app.command("sample")
 def sample(
-    preset: Annotated[str, typer.Option(help="Search space: tiny, mnet-24-32, mnet-120-160.")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Search space: tiny, mnet-24-32, mnet-120-160 (the next six options "
+                                             "replace parts of it).")] = "tiny",
+    input_size: InputSizeOpt = None,
+    layers: LayersOpt = None,
+    width: WidthOpt = None,
+    stem_stride: StemStrideOpt = None,
+    kernels: KernelsOpt = None,
+    dilations: DilationsOpt = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    num_classes: Annotated[int, typer.Option(help="Number of classes.")] = 3,
+    num_classes: Annotated[Optional[int], typer.Option(help="Number of classes (default: 3, or those of --data).")]
+    = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset directory: take the number of classes from its "
+                                                      "train split, as `mnet train` will.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write arch.json here instead of printing it.")] = None,
 ) -> None:
-    """Print a uniformly random valid arch.json of the preset."""
-    from mnet.arch import get_preset
+    """Print a uniformly random valid arch.json of the search space."""
+    from mnet.arch import build_space
+    from mnet.data import open_dataset
+    from mnet.errors import ConfigError
     from mnet.io import write_json
 
-    arch = get_preset(preset).with_classes(num_classes).sample(random.Random(seed))
+    if num_classes is not None and data is not None:
+        raise ConfigError("--num-classes and --data exclude each other: pass one of them")
+    if data is not None:
+        num_classes = len(open_dataset(data).classes)  # the class list only: no image is read
+    space = build_space(preset, **space_options(input_size, layers, width, stem_stride, kernels, dilations))
+    arch = (space if num_classes is None else space.with_classes(num_classes)).sample(random.Random(seed))
     if out is not None:
         write_json(out, arch.to_json())
     else:

@@ -7,12 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from mnet.cli._common import console, progress_bar
+from mnet.cli._common import (DilationsOpt, InputSizeOpt, KernelsOpt, LayersOpt, StemStrideOpt, WidthOpt, console,
+                              progress_bar, space_options)
 
 
 def latency(
     out: Annotated[Path, typer.Option("--out", help="latency.json to write (an unfinished one is completed).")],
-    preset: Annotated[str, typer.Option(help="Search space: tiny, mnet-24-32, mnet-120-160.")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Search space: tiny, mnet-24-32, mnet-120-160 (the next six options "
+                                             "replace parts of it: pass those of your `mnet search`).")] = "tiny",
+    input_size: InputSizeOpt = None,
+    layers: LayersOpt = None,
+    width: WidthOpt = None,
+    stem_stride: StemStrideOpt = None,
+    kernels: KernelsOpt = None,
+    dilations: DilationsOpt = None,
+    num_classes: Annotated[int, typer.Option(help="Classes of your data set (the head block's size).")] = 3,
     backend: Annotated[str, typer.Option(help="onnxruntime, torch or tensorrt (the runtime you will deploy on).")]
     = "onnxruntime",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -22,8 +31,12 @@ def latency(
     fit_archs: Annotated[int, typer.Option(help="Whole networks measured to fit the correction.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the fit networks.")] = 0,
 ) -> None:
-    """Measure every block the preset can contain on this machine (needs the preset only, no model)."""
+    """Measure every block the search space can contain on this machine (needs the space only, no model)."""
+    from mnet.arch import build_space
     from mnet.calibration.latency import measure_table
+
+    space = build_space(preset, **space_options(input_size, layers, width, stem_stride, kernels, dilations))
+    space = space.with_classes(num_classes)
 
     with progress_bar() as p:
         task = p.add_task("blocks", total=None, info="")
@@ -35,7 +48,7 @@ def latency(
             else:
                 p.update(task, completed=done, total=total, info=what)
 
-        table = measure_table(preset, out, backend=backend, device=device, precision=precision, threads=threads,
+        table = measure_table(space, out, backend=backend, device=device, precision=precision, threads=threads,
                               batch=batch, fit_archs=fit_archs, seed=seed, progress=progress)
     c = table.correction
     console.print(f"{len(table.entries)} blocks on {table.fingerprint}\n"

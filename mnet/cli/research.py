@@ -12,8 +12,9 @@ from mnet.cli._common import console, progress_bar
 
 
 def latency_reward_from_options(table: Optional[Path], budget_ms: Optional[float], mode: str,
-                                alpha: Optional[float], beta: Optional[float]):
-    """(reward_fn or None, meta) from the latency options shared by `mnet search` and `mnet research`."""
+                                alpha: Optional[float], beta: Optional[float], space=None):
+    """(reward_fn or None, meta) from the latency options shared by `mnet search` and `mnet research`; with
+    `space` (a SearchSpace), a table that does not cover it is refused."""
     from mnet.errors import ConfigError
 
     if table is None and budget_ms is None:
@@ -24,6 +25,8 @@ def latency_reward_from_options(table: Optional[Path], budget_ms: Optional[float
     from mnet.search.reward import latency_reward
 
     predictor = LatencyPredictor.from_file(table)
+    if space is not None:
+        predictor.check_space(space)
     reward = latency_reward(predictor, budget_ms, mode, alpha, beta)
     return reward, {"latency_table": str(table.resolve()), "table_fingerprint": predictor.table.fingerprint,
                     "latency_budget_ms": budget_ms, "latency_mode": mode, "alpha": reward.alpha, "beta": reward.beta}
@@ -39,7 +42,8 @@ def research(
     latency_mode: Annotated[str, typer.Option(help="soft (α=β=−0.07) or hard (α=0, β=−1).")] = "soft",
     latency_alpha: Annotated[Optional[float], typer.Option(help="Override α (exponent under the budget).")] = None,
     latency_beta: Annotated[Optional[float], typer.Option(help="Override β (exponent over the budget).")] = None,
-    controller_steps: Annotated[Optional[int], typer.Option(help="Controller steps (default: the run's).")] = None,
+    controller_steps: Annotated[Optional[int], typer.Option(help="Controller steps (default: the run's; a multiple "
+                                                           "of its --controller-batch).")] = None,
     controller_lr: Annotated[Optional[float], typer.Option(help="Controller learning rate (default: the run's).")]
     = None,
     derive_samples: Annotated[Optional[int], typer.Option(help="Architectures scored at the end.")] = None,

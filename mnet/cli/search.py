@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mnet.cli._common import console, err, progress_bar
+from mnet.cli._common import (DilationsOpt, InputSizeOpt, KernelsOpt, LayersOpt, StemStrideOpt, WidthOpt, console, err,
+                              progress_bar, space_options)
 
 
 def search(
@@ -15,7 +16,14 @@ def search(
                                                "20% rewards).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory: supernet.pt, controller.pt, metrics.jsonl, "
                                                     "arch.json, topk.json, search.json, plots.")],
-    preset: Annotated[str, typer.Option(help="Search space: tiny, mnet-24-32 or mnet-120-160.")] = "mnet-24-32",
+    preset: Annotated[str, typer.Option(help="Search space: tiny, mnet-24-32 or mnet-120-160 (the next six options "
+                                             "replace parts of it).")] = "mnet-24-32",
+    input_size: InputSizeOpt = None,
+    layers: LayersOpt = None,
+    width: WidthOpt = None,
+    stem_stride: StemStrideOpt = None,
+    kernels: KernelsOpt = None,
+    dilations: DilationsOpt = None,
     strategy: Annotated[str, typer.Option(help="enas (LSTM controller) or random (same budget, uniform).")] = "enas",
     schedule: Annotated[str, typer.Option(help="two-stage (supernet, then controller; paper) or alternating "
                                                "(original ENAS).")] = "two-stage",
@@ -25,14 +33,23 @@ def search(
     controller_batch: Annotated[int, typer.Option(help="Architectures per controller update (REINFORCE "
                                                   "averaged over them; paper: 1). Global under torchrun: the "
                                                   "ranks score them in parallel, so a multiple of the ranks "
-                                                  "makes the controller phase N× faster.")] = 1,
+                                                  "makes the controller phase N× faster. All of an update's "
+                                                  "architectures are scored on one minibatch, each against the "
+                                                  "mean of the others.")] = 5,
     derive_samples: Annotated[int, typer.Option(help="Architectures sampled and scored to pick the result.")] = 100,
-    controller_lr: Annotated[float, typer.Option(help="Controller Adam learning rate (paper: 0.1, which commits "
-                                                      "the policy within tens of noisy rewards; the default is "
-                                                      "measured, see search/controller.py).")] = 1e-3,
+    controller_lr: Annotated[float, typer.Option(help="Controller Adam learning rate (paper: 0.1; the default is "
+                                                      "measured with the planted-reward test, see "
+                                                      "search/controller.py).")] = 0.03,
     lr: Annotated[float, typer.Option(help="Supernet SGD learning rate (paper: 0.01).")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Batch size of supernet steps and reward minibatches.")] = 128,
     bn: Annotated[str, typer.Option(help="BatchNorm when scoring a path: batch, running or recalibrate.")] = "batch",
+    sharing: Annotated[str, typer.Option(help="How supernet ops share weights: entangled (every kernel of a "
+                                              "dilation is the centre of the layer's largest) or exact (only ops "
+                                              "identical after cropping). See search/supernet.py.")] = "entangled",
+    rescore_top: Annotated[int, typer.Option(help="Re-score the best K one-minibatch candidates on the whole "
+                                                  "reward split before picking (0: the minibatch decides).")] = 10,
+    lr_schedule: Annotated[str, typer.Option(help="Supernet learning rate: cosine (to zero over the epochs) or "
+                                                  "constant (Table 1).")] = "cosine",
     val_fraction: Annotated[float, typer.Option(help="Share of the train split held out for rewards.")] = 0.2,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision (bf16 where supported).")] = False,
@@ -55,8 +72,8 @@ def search(
     latency_beta: Annotated[Optional[float], typer.Option(help="Override β.")] = None,
 ) -> None:
     """Search for an architecture with ENAS (or random search); writes OUT/arch.json for `mnet train`."""
-    from mnet.arch import get_preset
     from mnet.cli.train import _load_with_progress
+    from mnet.data import open_dataset
     from mnet.preprocess import Preprocess
     from mnet.search.controller import ControllerConfig
     from mnet.search.enas import SearchConfig, check_run_dir
@@ -67,15 +84,20 @@ def search(
     from mnet.search.research import annotate_arch
 
     check_run_dir(out, resume)
-    reward, latency_meta = latency_reward_from_options(latency_table, latency_budget_ms, latency_mode,
-                                                       latency_alpha, latency_beta)
-    cfg = SearchConfig(preset=preset, strategy=strategy, schedule=schedule, supernet_epochs=supernet_epochs,
+    cfg = SearchConfig(preset=preset, **space_options(input_size, layers, width, stem_stride, kernels, dilations),
+                       strategy=strategy, schedule=schedule, supernet_epochs=supernet_epochs,
                        derive_samples=derive_samples, batch_size=batch_size, lr=lr, bn=bn, val_fraction=val_fraction,
+                       sharing=sharing, rescore_top=rescore_top, lr_schedule=lr_schedule,
                        controller=ControllerConfig(steps=controller_steps, lr=controller_lr),
                        controller_batch=controller_batch,
                        seed=seed, device=device, amp=amp, fast_depthwise=fast_depthwise,
                        compile=compile_ops)
-    splits = _load_with_progress(data, Preprocess(get_preset(preset).input_hw), strict, ("train",))
+    space = cfg.space()
+    # a table of another space is refused now, not at the first reward after hours of supernet training
+    reward, latency_meta = latency_reward_from_options(
+        latency_table, latency_budget_ms, latency_mode, latency_alpha, latency_beta,
+        space=space.with_classes(len(open_dataset(data).classes)) if latency_table is not None else None)
+    splits = _load_with_progress(data, Preprocess(space.input_hw), strict, ("train",))
     with progress_bar() as p:
         tasks = {"supernet": p.add_task("supernet", total=supernet_epochs, info="")}
         tasks["batch"] = p.add_task("  epoch", total=None, info="")
@@ -107,7 +129,7 @@ def search(
         annotate_arch(out, latency_meta, b)
         console.print(f"predicted latency {b.extras['latency_ms']:.3f} ms (budget {latency_budget_ms:g} ms on "
                       f"{latency_meta['table_fingerprint']})", highlight=False, markup=False)
-    console.print(f"arch → {out / 'arch.json'}  (reward {b.reward:.4f}, one-minibatch accuracy {b.accuracy:.4f}, "
+    console.print(f"arch → {out / 'arch.json'}  (reward {b.reward:.4f}, reward-split accuracy {b.accuracy:.4f}, "
                   f"{b.arch.num_params():,} params, {b.arch.macs():,} MACs; {result.seconds:.1f}s on {result.device})")
     console.print(f"next: mnet train {data} --arch {out / 'arch.json'} --out RUN", highlight=False, markup=False)
 
