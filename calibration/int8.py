@@ -9,8 +9,10 @@ ranges: that is warned about (logged, and returned for the CLI to print), not re
 
 Data types (measured on mnet-24-32 with ORT 1.32 on an AVX-512 VNNI x86 CPU, see bench/inference.py):
 - `activations="int8"` (default): signed int8 symmetric activations, int8 symmetric weights per
-  channel (S8S8). This is what TensorRT takes (it supports only symmetric signed Q/DQ), so the same
-  file builds INT8 engines on a Jetson, and it is ONNX Runtime's recommended default on x86.
+  channel (S8S8), float biases. This is what TensorRT takes (it supports only symmetric signed Q/DQ and
+  dequantises only int8, so not onnxruntime's default int32 biases), so the same file builds INT8
+  engines on a Jetson, and it is ONNX Runtime's recommended default on x86. Whether the written graph
+  keeps TensorRT's rules is checked (`mnet.export.qdq`) and recorded as `tensorrt_compatible`.
 - `activations="uint8"`: asymmetric uint8 activations (U8S8). ONNX Runtime fuses more of this graph on
   CPU (the ReLU before every depthwise conv folds into the quantisation range), which is faster on some
   architectures; TensorRT cannot build it, and `mnet export tensorrt --precision int8` says so.
@@ -38,6 +40,7 @@ from mnet.bundle import Bundle, load_bundle, update_card, utc_now
 from mnet.data import Dataset
 from mnet.errors import ConfigError, DataError, ExportError
 from mnet.export.onnx import set_card_metadata
+from mnet.export.qdq import tensorrt_qdq_problems
 from mnet.export.samples import sample_split
 from mnet.io import atomic_path, sha256_file
 from mnet.metrics import compute_metrics
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")
 MIN_CALIBRATION_IMAGES = 300
+_KEEP_PROBLEMS = 5  # TensorRT problems kept in the card (a uint8 model has one per Q/DQ node)
 
 Stage = Optional[Callable[[str], None]]
 
@@ -70,10 +74,11 @@ class Int8Report:
     method: str
     per_channel: bool
     activations: str
-    tensorrt_compatible: bool
+    tensorrt_compatible: bool  # the file passes `tensorrt_qdq_problems` (checked on the written graph)
     sha256: str
     seconds: float
     warnings: tuple[str, ...] = ()
+    tensorrt_problems: tuple[str, ...] = ()  # the first few of them, when not tensorrt_compatible
     # {split: {"accuracy", "fp32_accuracy", "n"}}: `split` and, when the dataset has one labelled with the
     # model's classes, the test split too, so `mnet evaluate BUNDLE --split test` can be checked against it
     by_split: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -81,6 +86,7 @@ class Int8Report:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["warnings"] = list(self.warnings)
+        d["tensorrt_problems"] = list(self.tensorrt_problems)
         d["format"] = "QDQ"
         d["weights"] = "int8 symmetric, " + ("per channel" if self.per_channel else "per tensor")
         d["file"] = Path(self.path).name
@@ -149,7 +155,10 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
                 weight_type=QuantType.QInt8,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                   "percentile": CalibrationMethod.Percentile}[method],
-                extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
+                # biases stay float: onnxruntime's default int32 biases are DequantizeLinear inputs TensorRT
+                # refuses (it dequantises only int8); its CPU fusions (QLinearConv, QGemm) still form
+                extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True,
+                               "QuantizeBias": False},
             )
         if chatter.getvalue().strip():
             log.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
@@ -172,6 +181,11 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         m32, m8 = m32_eval, m8_eval
 
         proto = onnx.load(str(quantized))
+        problems = tensorrt_qdq_problems(proto)  # measured on the graph, not assumed from the options
+        if problems and activations == "int8":
+            warnings.append(f"{b.int8_path.name} is not loadable by TensorRT ({len(problems)} Q/DQ problem(s)): "
+                            f"{problems[0]}")
+            log.warning(warnings[-1])
         set_card_metadata(proto, b.card)
         with atomic_path(b.int8_path) as t:
             onnx.save_model(proto, str(t), save_as_external_data=False)
@@ -180,8 +194,8 @@ def calibrate_int8(bundle: Bundle | str | os.PathLike, data_root: str | os.PathL
         path=str(b.int8_path), accuracy=m8.accuracy, fp32_accuracy=m32.accuracy,
         drop_points=100.0 * (m32.accuracy - m8.accuracy), top1_agreement=agree, split=eval_split, n=m8.n,
         calibration_images=len(images), method=method, per_channel=per_channel, activations=activations,
-        tensorrt_compatible=activations == "int8", sha256=sha256_file(b.int8_path), seconds=time.time() - t0,
-        warnings=tuple(warnings), by_split=by_split)
+        tensorrt_compatible=not problems, tensorrt_problems=tuple(problems[:_KEEP_PROBLEMS]),
+        sha256=sha256_file(b.int8_path), seconds=time.time() - t0, warnings=tuple(warnings), by_split=by_split)
     update_card(b.path, metrics={"int8": report.to_json()})
     log.info("int8: %s accuracy %.4f (fp32 %.4f) on %s", b.int8_path, m8.accuracy, m32.accuracy, eval_split)
     return report

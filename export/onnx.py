@@ -39,7 +39,7 @@ from mnet.bundle import (CARD_FILE, METADATA_KEY, ONNX_FILE, Bundle, BundleCard,
                          write_card)
 from mnet.errors import ConfigError, ExportError
 from mnet.export.samples import sample_split, synthetic_images
-from mnet.io import sha256_file
+from mnet.io import process_umask, sha256_file
 
 __all__ = [
     "EXPORTERS",
@@ -170,9 +170,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
 
 def _chmod_like_mkdir(path: Path) -> None:
     """mkdtemp makes 0700 directories; a bundle is copied to devices and read by services, so use 0777 & ~umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
+    os.chmod(path, 0o777 & ~process_umask())
 
 
 def _commit_dir(tmp: Path, target: Path) -> None:

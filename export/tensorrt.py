@@ -4,13 +4,15 @@
 
 One engine per (precision, TensorRT version, GPU): `model.<precision>.<trt>.<gpu>.engine`, written as
 TensorRT serialised it (no header bytes, so trtexec, DeepStream and C++ loaders load it as is), beside
-its sidecar `<engine>.json` (`mnet.bundle.EngineInfo`) that the runtime checks before loading.
+its sidecar `<engine>.json` (`mnet.bundle.EngineInfo`, with the engine's size and sha256) that the runtime
+checks before loading.
 
 Precision, by what the installed TensorRT offers (feature tests, not version numbers):
 - fp32: model.onnx.
 - fp16: the FP16 builder flag where it exists (<= 10.x); where it does not (11.x, strongly typed only),
   a half-precision copy of the ONNX (`model.fp16.onnx`, fp32 I/O; `mnet.export.fp16`) built strongly typed.
-- int8: model.int8.onnx (explicit Q/DQ from `mnet calibrate int8`); the INT8 flag is set where it exists
+- int8: model.int8.onnx (explicit Q/DQ from `mnet calibrate int8`), refused before the build unless its
+  graph keeps TensorRT's Q/DQ rules (`mnet.export.qdq`); the INT8 flag is set where it exists
   (TensorRT 8.x needs it to honour Q/DQ), strongly typed where it does not. No implicit calibrator:
   deprecated in 10.x and removed in 11.
 """
@@ -68,19 +70,38 @@ def _check(b: Bundle, precision: str, max_batch: int, workspace_mb: int, dla: in
 
 
 def _int8_source(b: Bundle) -> Path:
-    if not b.int8_path.is_file():
+    """model.int8.onnx, once its graph keeps TensorRT's Q/DQ rules (`mnet.export.qdq`): TensorRT's parser
+    refuses a bad file with an assertion deep in its log; this names the node and the fix first."""
+    path = b.int8_path
+    if not path.is_file():
         raise ExportError(f"{b.path}: no model.int8.onnx for an int8 engine; make it first: "
                           f"mnet calibrate int8 {b.path} DATA")
-    int8 = b.card.metrics.get("int8") or {}
-    if int8.get("tensorrt_compatible") is False:
-        raise ExportError(f"{b.int8_path} has asymmetric uint8 activations (calibrated for onnxruntime CPU), which "
-                          f"TensorRT cannot build; recalibrate with int8 activations: mnet calibrate int8 {b.path} DATA")
-    return b.int8_path
+    fix = f"recalibrate it (int8 activations, the default): mnet calibrate int8 {b.path} DATA"
+    try:
+        import onnx
+
+        from mnet.export.qdq import tensorrt_qdq_problems
+    except ImportError:  # a Jetson without the onnx package: use the check calibration ran on this very file
+        card = b.card.metrics.get("int8") or {}
+        if card.get("sha256") != sha256_file(path) or "tensorrt_problems" not in card:
+            raise ExportError(f"{path}: the card records no TensorRT check of this file and the onnx package is "
+                              f"not installed to run one; pip install onnx, or {fix}") from None
+        problems = list(card["tensorrt_problems"])
+    else:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 -- not ONNX at all: TensorRT's parser says so, with its own words
+            return path
+        problems = tensorrt_qdq_problems(model)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportError(f"{path.name} is not loadable by TensorRT: {problems[0]}{more}; {fix}")
+    return path
 
 
 def _fp16_source(b: Bundle) -> Path:
-    """model.fp16.onnx, (re)made from model.onnx when missing or older (onnx imported only here: a
-    Jetson building fp32/fp16-by-flag/int8 engines needs no onnx package)."""
+    """model.fp16.onnx, (re)made from model.onnx when missing or older (onnx imported only here and in
+    `_int8_source`, which does without it: a Jetson building fp32/fp16-by-flag/int8 engines needs no onnx)."""
     import onnx
 
     from mnet.export.fp16 import convert_to_fp16
@@ -187,18 +208,24 @@ def build_engine(bundle: Bundle | str | os.PathLike, precision: str = "fp32", ma
                           f"{'; '.join(logger.errors)[:600] or 'see the TensorRT log (-v)'}")
 
     path = b.path / engine_filename(precision, trt.__version__, gpu_name)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(serialized)  # the plan exactly as TensorRT serialised it: no header, no prefix
+    # Two files, two renames: the sidecar (naming the engine's size and sha256) is complete under a temp
+    # name before the engine is renamed into place, and renamed right after it. A crash in between leaves
+    # a new engine beside the old sidecar, which the runtime refuses (their checksums differ).
+    with atomic_path(path.with_name(path.name + ".json")) as side_tmp:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(serialized)  # the plan exactly as TensorRT serialised it: no header, no prefix
+            info = EngineInfo(
+                tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=tuple(capability),
+                precision=precision, min_batch=min_batch, opt_batch=max_batch, max_batch=max_batch,
+                input_name=name, output_name=b.card.output_name, input_hw=(h, w), onnx_file=source.name,
+                onnx_sha256=sha256_file(source), strongly_typed=plan["strongly_typed"], workspace_mb=workspace_mb,
+                dla_core=dla, built=utc_now(), mnet_version=_mnet_version(), engine_sha256=sha256_file(tmp),
+                engine_bytes=tmp.stat().st_size)
+            write_json(side_tmp, info.to_json())
     if cache is not None:
         with atomic_path(timing_cache) as tmp, open(tmp, "wb") as f:
             f.write(config.get_timing_cache().serialize())
-    info = EngineInfo(
-        tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=tuple(capability),
-        precision=precision, min_batch=min_batch, opt_batch=max_batch, max_batch=max_batch,
-        input_name=name, output_name=b.card.output_name, input_hw=(h, w), onnx_file=source.name,
-        onnx_sha256=sha256_file(source), strongly_typed=plan["strongly_typed"], workspace_mb=workspace_mb,
-        dla_core=dla, built=utc_now(), mnet_version=_mnet_version())
-    write_json(path.with_name(path.name + ".json"), info.to_json())
     return EngineBuild(path, info, source)
 
 

@@ -260,6 +260,10 @@ class EngineInfo:
     dla_core: int | None = None
     built: str = ""
     mnet_version: str = ""
+    # the engine file this sidecar describes, so a pair left inconsistent by a crash mid-build is refused;
+    # None in sidecars written before mnet recorded them
+    engine_sha256: str | None = None
+    engine_bytes: int | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -280,6 +284,10 @@ class EngineInfo:
               "expected [height, width]")
         _need(isinstance(self.onnx_sha256, str) and len(self.onnx_sha256) == 64, w, "onnx_sha256",
               self.onnx_sha256, "expected a sha256 hex digest")
+        _need(self.engine_sha256 is None or (isinstance(self.engine_sha256, str) and len(self.engine_sha256) == 64),
+              w, "engine_sha256", self.engine_sha256, "expected a sha256 hex digest")
+        _need(self.engine_bytes is None or (isinstance(self.engine_bytes, int) and self.engine_bytes > 0), w,
+              "engine_bytes", self.engine_bytes, "expected the engine file's size in bytes")
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -13,7 +13,9 @@ the older `cuda.cudart`), or through torch when only torch is there; both wrappe
 
 TensorRT engines only run on the TensorRT version and GPU that built them. Each engine's sidecar
 (`*.engine.json`, `mnet.bundle.EngineInfo`) records both, and `TensorRTBackend` refuses a mismatch
-with the command that rebuilds it, instead of failing inside TensorRT.
+with the command that rebuilds it, instead of failing inside TensorRT. The sidecar also records the
+engine's size and sha256: an engine and sidecar from different builds (a crash between the two renames)
+are refused too, since the sidecar's batch and shapes size the buffers.
 
 TensorRT API: the name-based tensor API (`num_io_tensors`, `get_tensor_name`, `get_tensor_mode`,
 `set_input_shape`, `set_tensor_address`, `execute_async_v3`; TensorRT >= 8.5, the only one in 10 and 11)
@@ -22,6 +24,7 @@ and, only where it is absent (8.2/8.4 on JetPack 4.6 and 5.0), the binding API (
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -33,7 +36,7 @@ import numpy as np
 
 from mnet.bundle import PRECISIONS, Bundle, EngineInfo, load_bundle
 from mnet.errors import BackendError, ConfigError, MnetError
-from mnet.io import read_json
+from mnet.io import read_json, sha256_file
 
 __all__ = [
     "BACKENDS",
@@ -43,6 +46,7 @@ __all__ = [
     "TensorRTBackend",
     "TorchBackend",
     "cuda_runtime",
+    "engine_file_mismatch",
     "engine_mismatch",
     "find_engine",
     "import_tensorrt",
@@ -364,6 +368,21 @@ def engine_mismatch(info: EngineInfo, trt_version: str, gpu_name: str, capabilit
     return "; ".join(problems) or None
 
 
+def engine_file_mismatch(engine_path: str | os.PathLike, info: EngineInfo, data: bytes | None = None) -> str | None:
+    """Why the engine file (or its bytes, `data`, when already read) is not the one its sidecar describes:
+    None when its size and sha256 match, or when the sidecar predates mnet recording them."""
+    size = len(data) if data is not None else Path(engine_path).stat().st_size
+    if info.engine_bytes is not None and size != info.engine_bytes:
+        why = f"the engine is {size} bytes, its sidecar describes one of {info.engine_bytes}"
+    elif info.engine_sha256 is not None and info.engine_sha256 != (
+            hashlib.sha256(data).hexdigest() if data is not None else sha256_file(engine_path)):
+        why = "the engine's sha256 differs from the one its sidecar records"
+    else:
+        return None
+    # e.g. a crash after the engine was renamed into place and before its sidecar was
+    return f"it does not match its sidecar ({why}; an interrupted build?)"
+
+
 def _rebuild_hint(bundle_dir: Path, precision: str) -> str:
     return f"rebuild it on this device: mnet export tensorrt {bundle_dir} --precision {precision}"
 
@@ -378,7 +397,7 @@ def find_engine(bundle: Bundle, precision: str, trt_version: str, gpu_name: str,
             continue
         if info.precision != precision:
             continue
-        mismatch = engine_mismatch(info, trt_version, gpu_name, capability)
+        mismatch = engine_mismatch(info, trt_version, gpu_name, capability) or engine_file_mismatch(path, info)
         if mismatch is None:
             return path, info
         reasons.append(f"{path.name}: {mismatch}")
@@ -407,7 +426,14 @@ class TensorRTBackend(Backend):
         self.input_hw, self.max_batch = tuple(info.input_hw), info.max_batch
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        data = engine_path.read_bytes()
+        stale = engine_file_mismatch(engine_path, info, data)
+        if stale:  # refused even with check=False: the sidecar's batch and shapes size the buffers below
+            raise BackendError(f"{engine_path.name}: {stale}; {_rebuild_hint(engine_path.parent, info.precision)}")
+        if info.engine_sha256 is None:
+            log.warning("%s: its sidecar predates engine checksums, so a stale engine/sidecar pair cannot be "
+                        "detected; %s", engine_path.name, _rebuild_hint(engine_path.parent, info.precision))
+        self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise BackendError(f"{engine_path}: TensorRT could not deserialize the engine (see its log above); "
                                f"{_rebuild_hint(engine_path.parent, info.precision)}")

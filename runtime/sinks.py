@@ -126,15 +126,40 @@ def _fsync_close(f: TextIO) -> None:
     f.close()
 
 
+def _torn_last_line(path: Path) -> bool:
+    """Whether a regular, non-empty file does not end with a newline (a crash mid-write tore its last line)."""
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # unreadable: opening it for writing reports the problem
+        return False
+
+
 class JsonlSink(Sink):
-    """One JSON line per fruit, flushed per event; fsync at close (and per event if fsync_each)."""
+    """One JSON line per fruit, flushed per event; fsync at close (and per event if fsync_each).
+
+    Appending to a file whose last line is torn (a crash mid-write) starts on a fresh line, so the torn
+    line stays one unreadable line instead of swallowing the next event; it is logged and counted in
+    `torn_lines`, never dropped or repaired.
+    """
 
     name = "jsonl"
 
     def __init__(self, path: str | os.PathLike, *, append: bool = True, fsync_each: bool = False) -> None:
         self.path = Path(path)
         self.fsync_each = fsync_each
+        self.torn_lines = int(append and _torn_last_line(self.path))
         self._f = _open_text(self.path, append, "events")
+        if self.torn_lines:
+            _log.warning("events file %s: its last line is torn (no newline at the end, e.g. a crash mid-write); "
+                         "it is kept as is and new events start on the next line", self.path)
+            self._f.write("\n")
+            self._f.flush()
 
     def write(self, event: GradeEvent) -> None:
         self._f.write(event.to_line() + "\n")

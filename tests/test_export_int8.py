@@ -13,6 +13,7 @@ from mnet.bundle import load_bundle
 from mnet.calibration.int8 import MIN_CALIBRATION_IMAGES, calibrate_int8, qdq_node_counts
 from mnet.errors import BackendError, ConfigError, DataError
 from mnet.export.onnx import read_card_metadata
+from mnet.export.qdq import tensorrt_qdq_problems
 from mnet.runtime.backends import open_backend
 from test_export_support import copy_bundle, exported_bundle
 
@@ -54,6 +55,48 @@ def test_records_fp32_and_int8_accuracy_in_card(calibrated):
     assert int8["method"] == "minmax" and int8["per_channel"] is True and int8["tensorrt_compatible"] is True
     assert int8["format"] == "QDQ" and len(int8["sha256"]) == 64
     assert "parity" in load_bundle(b).card.metrics  # merged, not replaced
+
+
+def test_every_dequantize_input_is_int8_and_the_flag_is_measured(calibrated):
+    """TensorRT dequantises only int8 (NVIDIA/TensorRT#4542): no int32 biases, every DequantizeLinear input an
+    int8 weight or the output of an int8 QuantizeLinear, and the card's flag is the graph check's verdict."""
+    b, report, _ = calibrated
+    g = onnx.load(str(b / "model.int8.onnx")).graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    assert dq
+    for n in dq:
+        x = n.input[0]
+        if x in inits:
+            assert inits[x].data_type == onnx.TensorProto.INT8, (n.name, inits[x].data_type)
+        else:
+            q = producer[x]
+            assert q.op_type == "QuantizeLinear" and inits[q.input[2]].data_type == onnx.TensorProto.INT8, n.name
+    assert tensorrt_qdq_problems(onnx.load(str(b / "model.int8.onnx"))) == []
+    int8 = load_bundle(b).card.metrics["int8"]
+    assert report.tensorrt_compatible is True and int8["tensorrt_compatible"] is True
+    assert int8["tensorrt_problems"] == []
+
+
+def test_int32_biases_make_the_flag_false(colour_data, tmp_path_factory, tmp_path, monkeypatch):
+    """The flag is computed from the written graph: onnxruntime's int32 biases (what calibration used to
+    write) give tensorrt_compatible false, the offending node in the card and a warning."""
+    import onnxruntime.quantization as oq
+
+    real = oq.quantize_static
+
+    def int32_biases(*a, **kw):
+        kw["extra_options"] = {**kw.get("extra_options", {}), "QuantizeBias": True}
+        return real(*a, **kw)
+
+    monkeypatch.setattr(oq, "quantize_static", int32_biases)
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    report = calibrate_int8(b, colour_data, samples=32)
+    int8 = load_bundle(b).card.metrics["int8"]
+    assert report.tensorrt_compatible is False and int8["tensorrt_compatible"] is False
+    assert re.match(r"DequantizeLinear '[^']+': input '[^']+' is INT32", int8["tensorrt_problems"][0])
+    assert any("not loadable by TensorRT" in w for w in report.warnings)
 
 
 def test_warns_under_300_images(calibrated):

@@ -63,3 +63,49 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (this venv), capturing text output."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def qdq_conv_model(bias: str = "float", activations: str = "int8", *, zero_point: int = 0,
+                   per_channel_activation: bool = False):
+    """A hand-made QDQ graph in onnxruntime's layout: input -> Q/DQ -> Conv(DQ(int8 weights), bias) -> pool
+    -> logits (input 'input' N x 3 x 24 x 32, 3 classes, like the tiny bundle).
+
+    bias: "float" (a plain initializer) or "int32" (onnxruntime's QuantizeBias default: DQ node
+    'b_DequantizeLinear' of initializer 'b_quantized'); activations: zero point type "int8" or "uint8".
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    zp_type = np.int8 if activations == "int8" else np.uint8
+    x_scale = np.full(3, 0.02, np.float32) if per_channel_activation else np.array(0.02, np.float32)
+    x_zp = np.full(x_scale.shape, zero_point, zp_type)
+    inits = [numpy_helper.from_array(x_scale, "x_scale"), numpy_helper.from_array(x_zp, "x_zero_point"),
+             numpy_helper.from_array(rng.integers(-127, 128, (3, 3, 1, 1)).astype(np.int8), "w_quantized"),
+             numpy_helper.from_array(np.full(3, 0.01, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(3, np.int8), "w_zero_point")]
+    act_axis = {"axis": 1} if per_channel_activation else {}
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zero_point"], ["x_q"], "x_QuantizeLinear",
+                              **act_axis),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero_point"], ["x_dq"], "x_DequantizeLinear",
+                              **act_axis),
+             helper.make_node("DequantizeLinear", ["w_quantized", "w_scale", "w_zero_point"], ["w"],
+                              "w_DequantizeLinear", axis=0)]
+    if bias == "int32":
+        inits += [numpy_helper.from_array(np.array([5, -3, 1], np.int32), "b_quantized"),
+                  numpy_helper.from_array(np.full(3, 0.0002, np.float32), "b_scale"),
+                  numpy_helper.from_array(np.zeros(3, np.int32), "b_zero_point")]
+        nodes.append(helper.make_node("DequantizeLinear", ["b_quantized", "b_scale", "b_zero_point"], ["b"],
+                                      "b_DequantizeLinear", axis=0))
+    else:
+        inits.append(numpy_helper.from_array(np.array([0.001, -0.0006, 0.0002], np.float32), "b"))
+    nodes += [helper.make_node("Conv", ["x_dq", "w", "b"], ["y"], "conv"),
+              helper.make_node("GlobalAveragePool", ["y"], ["p"], "pool"),
+              helper.make_node("Flatten", ["p"], ["logits"], "flatten")]
+    graph = helper.make_graph(nodes, "qdq",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 24, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import json
+import os
 import subprocess
 import sys
 import types
@@ -21,12 +22,12 @@ import numpy as np
 import onnx
 import pytest
 
-from mnet.bundle import engine_filename, load_bundle, update_card
+from mnet.bundle import engine_filename, load_bundle
 from mnet.errors import BackendError, ConfigError, ExportError
 from mnet.export.tensorrt import build_engine, trtexec_command
 from mnet.io import sha256_file
 from mnet.runtime.backends import TensorRTBackend, open_backend, softmax
-from test_export_support import BLOCK_HEAVY, copy_bundle, exported_bundle
+from test_export_support import BLOCK_HEAVY, copy_bundle, exported_bundle, qdq_conv_model
 
 _GPU, _CC = "Fake GPU 9000", (8, 7)
 
@@ -102,10 +103,20 @@ class _Parser:
 
     def parse_from_file(self, path):
         try:
-            self.network.onnx = onnx.load(path)
+            model = onnx.load(path)
         except Exception as e:  # what a real parser reports on a bad file
             self.errors.append(f"ModelImporter: {e}")
             return False
+        # like the real parser (NVIDIA/TensorRT#4542, onnx/onnx-tensorrt#850): DequantizeLinear takes int8
+        # only, so an int32 bias cannot slip past this double and hide a file TensorRT refuses
+        types = {t.name: t.data_type for t in model.graph.initializer}
+        for n in model.graph.node:
+            t = types.get(n.input[0], onnx.TensorProto.INT8) if n.op_type == "DequantizeLinear" else None
+            if t not in (None, onnx.TensorProto.INT8):
+                self.errors.append(f"ModelImporter: DequantizeLinear {n.name}: input {n.input[0]} has type "
+                                   f"{onnx.TensorProto.DataType.Name(t)}; only INT8 can be dequantized")
+                return False
+        self.network.onnx = model
         return True
 
     @property
@@ -390,9 +401,49 @@ def test_build_errors(fake, bundle, tmp_path):
 
 
 def test_uint8_calibration_is_refused_for_int8_engines(fake, bundle):
-    fake()
-    update_card(bundle, metrics={"int8": {"tensorrt_compatible": False}})
-    with pytest.raises(ExportError, match="asymmetric uint8 activations"):
+    trt, _ = fake()
+    onnx.save(qdq_conv_model(activations="uint8", zero_point=128), str(bundle / "model.int8.onnx"))
+    with pytest.raises(ExportError, match=r"QuantizeLinear 'x_QuantizeLinear': zero point 'x_zero_point' is UINT8.*"
+                                          r"asymmetric uint8 activations.*mnet calibrate int8"):
+        build_engine(bundle, "int8")
+    assert trt.built == [] and not list(bundle.glob("*.engine*"))
+
+
+def test_int32_dequantize_input_is_refused_naming_the_node(fake, bundle):
+    """onnxruntime's default int32 biases: TensorRT cannot dequantise them, so the build is refused up front
+    with the node and the fix, and the test double's parser refuses the file too (it cannot hide the bug)."""
+    trt, _ = fake("8.6.1")
+    onnx.save(qdq_conv_model(bias="int32"), str(bundle / "model.int8.onnx"))
+    with pytest.raises(ExportError) as e:
+        build_engine(bundle, "int8")
+    msg = str(e.value)
+    assert "\n" not in msg and "model.int8.onnx is not loadable by TensorRT" in msg
+    assert "DequantizeLinear 'b_DequantizeLinear': input 'b_quantized' is INT32" in msg
+    assert f"mnet calibrate int8 {bundle} DATA" in msg
+    assert trt.built == [] and not list(bundle.glob("*.engine*"))
+    parser = trt.OnnxParser(_Network(0), None)
+    assert not parser.parse_from_file(str(bundle / "model.int8.onnx"))
+    assert "b_DequantizeLinear" in parser.get_error(0) and "INT32" in parser.get_error(0)
+    onnx.save(qdq_conv_model(bias="float"), str(bundle / "model.int8.onnx"))
+    assert trt.OnnxParser(_Network(0), None).parse_from_file(str(bundle / "model.int8.onnx"))
+    assert build_engine(bundle, "int8").info.onnx_file == "model.int8.onnx"
+
+
+def test_calibrated_int8_model_builds(fake, bundle, colour_data, monkeypatch):
+    """`mnet calibrate int8`'s own file passes the check and the double's parser; without the onnx package the
+    build trusts the card's check only for the very file it was run on."""
+    from mnet.calibration.int8 import calibrate_int8
+
+    (bundle / "model.int8.onnx").unlink()
+    assert calibrate_int8(bundle, colour_data, samples=32).tensorrt_compatible is True
+    trt, _ = fake("8.6.1")
+    assert build_engine(bundle, "int8").info.onnx_file == "model.int8.onnx"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnx", None)  # a Jetson without the onnx package
+        assert build_engine(bundle, "int8").path.is_file()
+    onnx.save(qdq_conv_model(bias="int32"), str(bundle / "model.int8.onnx"))  # not the file the card checked
+    with monkeypatch.context() as m, pytest.raises(ExportError, match="records no TensorRT check of this file"):
+        m.setitem(sys.modules, "onnx", None)
         build_engine(bundle, "int8")
 
 
@@ -476,8 +527,49 @@ def test_corrupt_engine_is_refused(fake, bundle):
     fake()
     build = build_engine(bundle, "fp32")
     build.path.write_bytes(b"\x00" * 16 + build.path.read_bytes())  # e.g. a loader that prepended a header
+    with pytest.raises(BackendError, match="does not match its sidecar"):
+        TensorRTBackend(build.path)
+    side = json.loads(build.sidecar.read_text())
+    side.pop("engine_sha256"), side.pop("engine_bytes")  # a sidecar from before mnet recorded them
+    build.sidecar.write_text(json.dumps(side))
     with pytest.raises(BackendError, match="could not deserialize"):
         TensorRTBackend(build.path)
+
+
+def test_engine_and_sidecar_from_different_builds_are_refused(fake, bundle, monkeypatch):
+    """A crash between the engine's rename and its sidecar's leaves a new engine beside the old sidecar
+    (whose batch and shapes would size the buffers): refused, and `auto` falls back to onnxruntime."""
+    import mnet.io
+
+    trt, _ = fake("10.3.0")
+    old = build_engine(bundle, "fp32", max_batch=4)
+    side = json.loads(old.sidecar.read_text())
+    assert side["engine_bytes"] == old.path.stat().st_size and side["engine_sha256"] == sha256_file(old.path)
+    real_replace = os.replace
+
+    def crash_at_the_sidecar(src, dst):
+        if str(dst).endswith(".engine.json"):
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m, pytest.raises(OSError, match="power cut"):
+        m.setattr(mnet.io.os, "replace", crash_at_the_sidecar)
+        build_engine(bundle, "fp32", max_batch=2)
+    assert json.loads(old.sidecar.read_text()) == side  # the old sidecar, now beside a new engine
+    assert sha256_file(old.path) != side["engine_sha256"]
+    assert [p.name for p in bundle.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    with pytest.raises(BackendError, match=r"does not match its sidecar.*mnet export tensorrt .* --precision fp32"):
+        TensorRTBackend(old.path)
+    with pytest.raises(BackendError, match="no fp32 TensorRT engine.*does not match its sidecar"):
+        open_backend(bundle, "tensorrt", "fp32")
+    with open_backend(bundle, "auto", "fp32") as be:
+        assert be.name == "onnxruntime"
+    build_engine(bundle, "fp32", max_batch=4)  # a whole build mends the pair
+    TensorRTBackend(old.path).close()
+    good = old.path.read_bytes()  # same size, other bytes: caught by the checksum
+    old.path.write_bytes(good[:-2] + bytes([good[-2] ^ 1]) + good[-1:])
+    with pytest.raises(BackendError, match="sha256 differs"):
+        TensorRTBackend(old.path)
 
 
 # --- trtexec and the CLI -------------------------------------------------------------------------
@@ -551,3 +643,20 @@ def test_real_engine_build_and_run(colour_data, tmp_path_factory, tmp_path):
         assert Path(build.path).is_file() and load_bundle(b).engines()
         with open_backend(b, "tensorrt", precision) as be:
             np.testing.assert_allclose(be.infer(x), want, atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_tensorrt_and_cuda(), reason="needs CUDA and the tensorrt Python package")
+def test_real_int8_engine_builds_from_the_calibrated_model(colour_data, tmp_path_factory, tmp_path):
+    """The file `mnet calibrate int8` writes is one the real TensorRT parser and builder take."""
+    from mnet.calibration.int8 import calibrate_int8
+
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    calibrate_int8(b, colour_data, samples=32)
+    build = build_engine(b, "int8", max_batch=4)
+    assert build.info.onnx_file == "model.int8.onnx"
+    x = np.random.default_rng(0).normal(size=(5, 3, 24, 32)).astype(np.float32)
+    with open_backend(b, "onnxruntime", "int8", providers="cpu") as ref:
+        want = ref.infer(x)
+    with open_backend(b, "tensorrt", "int8") as be:
+        np.testing.assert_allclose(be.infer(x), want, atol=5e-2)

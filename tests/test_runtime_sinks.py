@@ -66,6 +66,44 @@ def test_jsonl_lines_flushed_per_event_and_fsynced_at_close(tmp_path, monkeypatc
     assert path.read_text() == ""
 
 
+def test_appending_after_a_torn_last_line_starts_a_fresh_line(tmp_path, caplog):
+    """A crash mid-write leaves a last line without its newline; grading that appends to the file must not glue
+    its first event onto it: the torn line stays (reported), every other line parses."""
+    from mnet.preprocess import Preprocess
+    from mnet.runtime.grader import GradeConfig, grade
+
+    path = tmp_path / "events.jsonl"
+    torn = _ev(2).to_line()[:25]
+    path.write_text(_ev(1).to_line() + "\n" + torn)
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    cv2.imwrite(str(shots / "a.jpg"), np.full((48, 64, 3), 200, np.uint8))
+
+    class Constant:
+        name = "constant"
+
+        def infer(self, x):
+            return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
+
+    with caplog.at_level("WARNING", logger="mnet.runtime.sinks"):
+        summary = grade(Constant(), Preprocess((24, 32)), ("A", "B", "C"), str(shots),
+                        GradeConfig.from_options(full_frame=True), open_sinks(events=path))
+    assert summary.fruit_graded == 1
+    lines = path.read_text().split("\n")
+    assert lines[-1] == "" and len(lines) == 4  # full, torn, new, and the final newline
+    assert GradeEvent.from_json(lines[0]) == _ev(1) and lines[1] == torn
+    new = GradeEvent.from_json(lines[2])
+    assert (new.fruit_id, new.grade, new.source) == (1, "B", str(shots))
+    assert any("last line is torn" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    # a whole file gets no extra line, an empty one no leading newline
+    for text in (_ev(1).to_line() + "\n", ""):
+        path.write_text(text)
+        sink = JsonlSink(path)
+        sink.write(_ev(3))
+        sink.close()
+        assert sink.torn_lines == 0 and path.read_text() == text + _ev(3).to_line() + "\n"
+
+
 def test_csv_rows_and_header_checks(tmp_path):
     path = tmp_path / "events.csv"
     sink = CsvSink(path)

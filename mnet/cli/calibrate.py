@@ -52,7 +52,7 @@ def int8(
     t.add_row(f"{report.split} (n={report.n})", f"{report.fp32_accuracy:.4f}", f"{report.accuracy:.4f}",
               f"{report.drop_points:+.2f}", f"{report.top1_agreement:.3f}")
     console.print(t)
-    if not report.tensorrt_compatible:
+    if not report.tensorrt_compatible and report.activations == "uint8":
         err.print("note: uint8 activations run on onnxruntime CPU only; TensorRT needs --activations int8")
 
 
