@@ -25,17 +25,19 @@ from mnet.search.planted import PlantedEvaluator
 
 PLANTED = (3, 11, 7, 16)
 DEFAULT = ControllerConfig()
-# name → (ControllerConfig overrides, architectures per update)
+# name → (what it is, ControllerConfig overrides, architectures per update)
+_B = SearchConfig().controller_batch
 SETTINGS = {
-    "paper (1 per update, moving average, lr 0.1)": ({"lr": 0.1, "baseline": "ema"}, 1),
-    "previous default (1 per update, moving average, lr 1e-3)": ({"lr": 1e-3, "baseline": "ema"}, 1),
-    "default": ({}, SearchConfig().controller_batch),
-    "beta1 0 (ENAS)": ({"adam_beta1": 0.0}, SearchConfig().controller_batch),
-    "lr 0.01": ({"lr": 0.01}, SearchConfig().controller_batch),
-    "lr 0.1": ({"lr": 0.1}, SearchConfig().controller_batch),
-    "2 per update": ({}, 2),
-    "10 per update": ({}, 10),
-    "moving average instead of leave-one-out": ({"baseline": "ema"}, SearchConfig().controller_batch),
+    "paper": ("1 per update, moving-average baseline, lr 0.1 (Table 1)", {"lr": 0.1, "baseline": "ema"}, 1),
+    "previous_default": ("1 per update, moving-average baseline, lr 1e-3", {"lr": 1e-3, "baseline": "ema"}, 1),
+    "default": (f"{_B} per update on one minibatch, leave-one-out, the ControllerConfig defaults", {}, _B),
+    "beta1_0": ("the default with ENAS's Adam beta1 = 0", {"adam_beta1": 0.0}, _B),
+    "lr_1e-2": ("the default at lr 0.01", {"lr": 0.01}, _B),
+    "lr_1e-1": ("the default at lr 0.1", {"lr": 0.1}, _B),
+    "batch_2": ("the default with 2 per update", {}, 2),
+    "batch_10": ("the default with 10 per update", {}, 10),
+    "moving_average": ("the default with the moving-average baseline instead of leave-one-out",
+                       {"baseline": "ema"}, _B),
 }
 
 
@@ -60,15 +62,15 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     rows = {}
-    for name, (overrides, batch) in SETTINGS.items():
+    for name, (what, overrides, batch) in SETTINGS.items():
         runs = [run(overrides, batch, args.steps, seed, args.delta) for seed in range(args.seeds)]
         mean_g = [r[0] for r in runs]
-        rows[name] = {"overrides": overrides, "per_update": batch, "mean_g": mean_g,
+        rows[name] = {"what": what, "overrides": overrides, "per_update": batch, "mean_g": mean_g,
                       "mean_g_mean": statistics.mean(mean_g), "mean_g_std": statistics.pstdev(mean_g),
                       "argmax_g": [r[1] for r in runs]}
     emit("controller_planted", {"steps": args.steps, "seeds": args.seeds, "delta": args.delta,
                                 "planted": list(PLANTED), "uniform_g": 4 / 20, "optimum_g": 4,
-                                "default": {**DEFAULT.__dict__, "per_update": SearchConfig().controller_batch},
+                                "default": {**DEFAULT.__dict__, "per_update": _B},
                                 "settings": rows, "seconds": time.time() - t0})
 
 

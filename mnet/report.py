@@ -53,6 +53,7 @@ class Inputs:
     searches: dict[str, dict]  # search dir -> search.json (+ "curve")
     tables: list[tuple[str, Any]]  # (path, LatencyTable)
     fusions: list[dict]
+    search_benches: list[dict] = field(default_factory=list)  # bench/results/search_real.json
 
 
 def _kind(path: Path) -> str:
@@ -67,7 +68,9 @@ def _kind(path: Path) -> str:
         d = read_json(path, "report input")
         if isinstance(d, dict) and "entries" in d and "backend" in d:
             return "table"
-    raise DataError(f"{path}: not a run directory or latency table")
+        if isinstance(d, dict) and d.get("bench") == "search_real":
+            return "search_bench"
+    raise DataError(f"{path}: not a run directory, latency table or bench/results/search_real.json")
 
 
 def _search_curve(search_dir: Path) -> list[tuple[int, float]]:
@@ -140,7 +143,7 @@ def collect(paths: list[str | os.PathLike]) -> Inputs:
 
     rows: list[ModelRow] = []
     searches: dict[str, dict] = {}
-    tables, fusions, bundles = [], [], []
+    tables, fusions, bundles, benches = [], [], [], []
     for p in map(Path, paths):
         kind = _kind(p)
         if kind == "train":
@@ -152,6 +155,8 @@ def collect(paths: list[str | os.PathLike]) -> Inputs:
             bundles.append(load_bundle(p))
         elif kind == "table":
             tables.append((str(p), LatencyTable.from_json(read_json(p), str(p))))
+        elif kind == "search_bench":
+            benches.append(read_json(p))
         else:
             fusions.append(read_json(p / "fusion.json", "fusion.json"))
     # bundles: match to their training run through the checkpoint they were exported from
@@ -177,7 +182,7 @@ def collect(paths: list[str | os.PathLike]) -> Inputs:
                     r.latency[key] = pred.predict_ms(r.arch)
                 except Exception:  # another preset: this table cannot serve that row
                     continue
-    return Inputs(rows, searches, tables, fusions)
+    return Inputs(rows, searches, tables, fusions, benches)
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -288,13 +293,43 @@ def _plots(inputs: Inputs, out: Path) -> list[tuple[str, Path]]:
     return made
 
 
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def _search_vs_chance(b: dict) -> tuple[list[str], list[list[str]], str]:
+    """Search vs random vs hand-designed baselines from bench/results/search_real.json: each row's test
+    accuracy with its seed spread and, for searched picks, their percentile among uniform archs."""
+    header = ["method", "test acc (%)", "per seed (%)", "percentile among uniform archs", "params"]
+    seeds = b.get("per_seed", [])
+    gt = b.get("gt_test_acc", {})
+    rows = [
+        ["ENAS pick", f"{_pct(b['search_test_acc_mean'])} ± {_pct(b['search_test_acc_std'])}",
+         ", ".join(_pct(s["enas_test_acc"]) for s in seeds), ", ".join(f"{p:.0f}" for p in b["search_pick_percentiles"]),
+         ""],
+        ["random search pick (equal budget)", f"{_pct(b['random_test_acc_mean'])} ± {_pct(b['random_test_acc_std'])}",
+         ", ".join(_pct(s["random_test_acc"]) for s in seeds),
+         ", ".join(f"{p:.0f}" for p in b.get("random_pick_percentiles", [])), ""],
+        ["final policy samples", _pct(b["policy_test_acc_mean"]), "", "", ""],
+        [f"uniform archs ({b['n_archs']})", f"{_pct(gt.get('mean', b['uniform_test_acc_mean']))} ± "
+         f"{_pct(gt.get('std', 0.0))}", "", "50 (by definition)", ""],
+    ]
+    for name, r in b.get("baselines", {}).items():
+        rows.append([name, _pct(r["test_acc"]), "", "", f"{r['params']:,}"])
+    ci = b.get("kendall_tau_ci95") or [None, None]
+    ci_text = "" if None in ci else f" (95% CI {ci[0]:.2f} … {ci[1]:.2f})"
+    note = (f"Supernet fidelity: Kendall τ {b['kendall_tau']:.2f}{ci_text} between supernet and standalone accuracy "
+            f"over {b['n_archs']} architectures.")
+    return header, rows, note
+
+
 def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     inputs = collect(paths)
-    if not inputs.rows:
+    if not inputs.rows and not inputs.search_benches:
         raise DataError("mnet report: no trained model among the inputs; pass RUN directories from `mnet train` "
-                        "or `mnet baseline`")
+                        "or `mnet baseline` (or bench/results/search_real.json)")
     header, body = _table_rows(inputs.rows)
     plots = _plots(inputs, out)
     stamp = time.strftime("%Y-%m-%d %H:%M")
@@ -312,6 +347,10 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict
         for f in inputs.fusions:
             md.append(f"| {f['mode']} | {' + '.join(Path(r).name for r in f['best']['runs'])} | "
                       f"{100 * f['best']['dev_acc']:.2f} | {100 * f['best']['test_acc']:.2f} |")
+    for b in inputs.search_benches:
+        bh, brows, note = _search_vs_chance(b)
+        md += ["", "## Search vs chance", "", "| " + " | ".join(bh) + " |", "|" + "---|" * len(bh)]
+        md += ["| " + " | ".join(r) + " |" for r in brows] + ["", note]
     for title, p in plots:
         md += ["", f"## {title}", "", f"![{title}]({p.name})"]
     write_text(out / "report.md", "\n".join(md) + "\n")
@@ -338,6 +377,12 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict
             h.append(f"<tr><td>{e(f['mode'])}</td><td>{e(' + '.join(Path(r).name for r in f['best']['runs']))}</td>"
                      f"<td>{100 * f['best']['dev_acc']:.2f}</td><td>{100 * f['best']['test_acc']:.2f}</td></tr>")
         h.append("</table>")
+    for b in inputs.search_benches:
+        bh, brows, note = _search_vs_chance(b)
+        h.append("<h2>Search vs chance</h2><table id='search-vs-chance'><tr>"
+                 + "".join(f"<th>{e(c)}</th>" for c in bh) + "</tr>")
+        h += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in brows]
+        h.append(f"</table><p>{e(note)}</p>")
     for title, p in plots:
         h.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='{img(p)}'>")
     h.append("</body></html>")

@@ -11,9 +11,9 @@ Schedules (DESIGN "ENAS"):
   controller (m = 1 per minibatch), then a block of S/E controller steps; E times.
 
 Controller steps. S = ``controller_steps`` counts SCORED ARCHITECTURES (the paper's 5000: one sampled
-path, one validation minibatch each), whatever the batching: an update averages REINFORCE over
-``controller_batch`` B of them (B = 1, the paper: one update per architecture), so the phase makes S/B
-updates. metrics.jsonl has one line per scored architecture ("step" = its 1-based index in the run,
+path each), whatever the batching: an update averages REINFORCE over ``controller_batch`` B of them,
+all scored on the update's one validation minibatch and each compared with the others (B = 1 is the
+paper: one update per architecture), so the phase makes S/B updates. metrics.jsonl has one line per scored architecture ("step" = its 1-based index in the run,
 "update" = its update's), `controller.pt` saves at update boundaries and `Reinforce.step` counts
 architectures, so logs, progress, checkpoints and the random-search budget all count the same thing.
 Under torchrun the B architectures of an update are scored by the ranks in parallel (search.distributed).
@@ -277,7 +277,7 @@ def search(data_root, out, cfg: SearchConfig, *, reward: RewardFn | None = None,
     probes = [space.sample(probe_rng) for _ in range(cfg.probe_archs)]
     probe_idx = np.sort(np.random.default_rng(cfg.seed + _PROBE_SEED).permutation(val_idx)[:cfg.probe_images])
     prober = Evaluator(trainer.supernet, DeviceData(train_split, preprocess, device, probe_idx), cfg.batch_size,
-                       bn=cfg.bn, amp=cfg.amp) if probes else None
+                       bn=cfg.bn, amp=cfg.amp, calib_data=train_data) if probes else None
 
     def end_epoch(record: dict) -> None:
         if prober is not None:  # every rank alike: no collective, the same numbers

@@ -57,3 +57,20 @@ def test_report_needs_a_trained_model(runs, tmp_path, capsys):
     assert main(["report", str(runs / "search"), "--out", str(tmp_path / "r")]) == 2
     assert "no trained model" in capsys.readouterr().err
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_report_shows_search_vs_chance_from_the_search_bench(tmp_path):
+    """Issue 13: search vs random vs baselines, with the seed spread and each pick's percentile."""
+    seeds = [{"enas_test_acc": a, "random_test_acc": b} for a, b in ((0.91, 0.9), (0.92, 0.89), (0.9, 0.9))]
+    bench = {"bench": "search_real", "n_archs": 30, "kendall_tau": 0.41, "kendall_tau_ci95": [0.15, 0.62],
+             "search_test_acc_mean": 0.91, "search_test_acc_std": 0.0082, "random_test_acc_mean": 0.8967,
+             "random_test_acc_std": 0.0047, "search_pick_percentiles": [93.3, 96.7, 80.0],
+             "random_pick_percentiles": [70.0, 60.0, 70.0], "policy_test_acc_mean": 0.905,
+             "uniform_test_acc_mean": 0.89, "gt_test_acc": {"mean": 0.89, "std": 0.012}, "per_seed": seeds,
+             "baselines": {"two_conv@28": {"test_acc": 0.9, "params": 50186}}}
+    write_json(tmp_path / "search_real.json", bench)
+    assert main(["report", str(tmp_path / "search_real.json"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Search vs chance" in md and "| ENAS pick | 91.00 ± 0.82 | 91.00, 92.00, 90.00 | 93, 97, 80 |" in md
+    assert "two_conv@28 | 90.00" in md and "Kendall τ 0.41 (95% CI 0.15 … 0.62)" in md
+    assert "id='search-vs-chance'" in (tmp_path / "rep" / "report.html").read_text()

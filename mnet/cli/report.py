@@ -41,7 +41,8 @@ def baseline_fusion(
 
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Training runs, search runs, bundles, latency tables, fusion "
-                                                "runs — in any order.")],
+                                                "runs, bench/results/search_real.json (search vs chance) — in any "
+                                                "order.")],
     out: Annotated[Path, typer.Option(help="Directory for report.md, report.html and the plots.")],
 ) -> None:
     """The paper's Table 2 for your runs (plus measured latency and the INT8 drop), with plots."""

@@ -29,7 +29,7 @@ def search(
                                                "(original ENAS).")] = "two-stage",
     supernet_epochs: Annotated[int, typer.Option(help="Supernet epochs (paper: 100).")] = 100,
     controller_steps: Annotated[int, typer.Option(help="Controller steps = architectures sampled and scored, "
-                                                  "one validation minibatch each (paper: 5000).")] = 5000,
+                                                  "one validation minibatch per update (paper: 5000).")] = 5000,
     controller_batch: Annotated[int, typer.Option(help="Architectures per controller update (REINFORCE "
                                                   "averaged over them; paper: 1). Global under torchrun: the "
                                                   "ranks score them in parallel, so a multiple of the ranks "

@@ -28,7 +28,8 @@ def train(
     lr: Annotated[float, typer.Option(help="SGD learning rate (paper: 0.001).")] = 0.001,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    lr_schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
+    lr_schedule: Annotated[str, typer.Option(help="cosine (decay to zero over the epochs; the default, as ENAS "
+                                                  "anneals) or constant (the paper's fixed lr 0.001).")] = "cosine",
     flip_p: Annotated[float, typer.Option(help="Horizontal flip probability (paper: 0.5).")] = 0.5,
     dropout: Annotated[float, typer.Option(help="Dropout before the classifier.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
