@@ -102,7 +102,9 @@ def _value(data: dict, key: str) -> str | None:
             parts = [_get(data, k) for k in key.split(sep)]
             return None if None in parts else shown.join(_fmt(p) for p in parts)
     value = _get(data, key)
-    return None if value is None else _fmt(value)
+    if value is None:  # a key the bench wrote as null was left out of that run (say so); a missing one is not shown
+        return "not measured" if key.split(".")[0] in data else None
+    return _fmt(value)
 
 
 def table() -> str:

@@ -100,8 +100,6 @@ def derive(space: SearchSpace, evaluator: Evaluator, controller: Controller | No
     """Candidates best first: from `controller`'s policy, or uniformly from `space` when it is None,
     the best `rescore_top` of them re-scored on the whole reward split (`rescore`). Under torchrun
     (`dist`) the ranks share the minibatch scoring (best_of_n); every rank re-scores the same few."""
-    # the minibatch and the proposals draw from separate streams (one seed for both correlated them)
-    batch = evaluator.val_data.sample_batch(evaluator.batch_size, stream(seed, "derive-batch", 0))
     if argmax:
         if controller is None:
             raise ConfigError("--argmax needs a controller, and a random search has none; use --samples N")
@@ -113,6 +111,8 @@ def derive(space: SearchSpace, evaluator: Evaluator, controller: Controller | No
         return [Candidate(arch, s.reward, s.accuracy, float(log_p), s.extras)]
     if samples < 1:
         raise ConfigError(f"--samples {samples}: expected at least 1 architecture to score")
+    # the minibatch and the proposals draw from separate streams (one seed for both correlated them)
+    batch = evaluator.val_data.sample_batch(evaluator.batch_size, stream(seed, "derive-batch", 0))
     if controller is not None:
         gen = torch.Generator().manual_seed(seed + DERIVE_SEED_OFFSET)
 

@@ -4,14 +4,14 @@ Layer i holds one `SepConv` per *distinct* op of the search space, built exactly
 `MNet` builds it (kernel cropped to layer i's feature size). Ops that crop to the same (kh, kw,
 dilation) at layer i are the same function there (`mnet.arch.op_key`: at 6×8 only 6 of the 20 paper
 ops differ), so they share one module: exact, and each distinct function gets all of its updates
-instead of 1/20 of them (issue 13: separate copies starved every op). A sampled sub-network's weights copy 1:1 into
-`MNet(arch)` (`child_state_dict`, `child`) and give identical outputs. Skips have no weights: any
+instead of 1/20 of them (issue 13: separate copies starved every op). A sampled sub-network's weights
+copy 1:1 into `MNet(arch)` (`child_state_dict`, `child`) and give identical outputs. Skips have no weights: any
 earlier node can be added, and `forward` is `search.ops.forward_arch` — the one forward both use.
 
 ``sharing="entangled"`` goes further (Once-for-All's elastic kernel, without its learned kernel
 transform): per layer and dilation one module at the largest kernel, every smaller kernel its centre
 taps, BN and pointwise shared, so every step trains every layer. Which mode ranks architectures more
-like standalone training is measured, not assumed (bench/search_real.py, "supernet_fidelity").
+like standalone training is measured, not assumed (bench/results/search_real.json, "fidelity").
 
 BatchNorm. Each (layer, op) has its own BN (ENAS practice), but what an op sees depends on the path
 before it (earlier ops, skips), so running statistics accumulated while training many paths describe
