@@ -50,14 +50,6 @@ def kendall_tau(x: list[float], y: list[float]) -> float | None:
     return None if math.isnan(tau) else tau
 
 
-def whole_split_accuracy(ev: Evaluator, arch: Arch) -> float:
-    """The evaluator's accuracy of `arch` over every reward image, in minibatches."""
-    correct = 0
-    for x, y in ev.val_data.batches(ev.batch_size):
-        correct += int((ev.logits(arch, x).argmax(1) == y).sum())
-    return correct / len(ev.val_data)
-
-
 def retrain(data: Path, arch: Arch, out: Path, splits: dict[str, Split], cfg: TrainConfig) -> dict:
     t0 = time.time()
     train(data, arch, out, cfg, splits={"train": splits["train"], "dev": splits["dev"]})
@@ -74,15 +66,15 @@ def bn_study(opened, archs: list[Arch], retrained: dict[str, tuple[Arch, float]]
     truth_ev = Evaluator(sup, val, cfg.batch_size, bn="recalibrate", seed=cfg.seed, calib_data=calib,
                          calib_batches=8)
     batch = evs["batch"].batch()
-    truth = [whole_split_accuracy(truth_ev, a) for a in archs]
+    truth = [truth_ev.split_score(a).accuracy for a in archs]
     out = {"archs": len(archs), "truth": "recalibrated (8 batches) accuracy on the whole reward split"}
     names = list(retrained)
     for m, ev in evs.items():
         t0 = time.time()
         one = [ev.accuracy(a, *batch) for a in archs]
         seconds = (time.time() - t0) / len(archs)
-        whole = [whole_split_accuracy(ev, a) for a in archs]
-        picks = [whole_split_accuracy(ev, retrained[n][0]) for n in names]
+        whole = [ev.split_score(a).accuracy for a in archs]
+        picks = [ev.split_score(retrained[n][0]).accuracy for n in names]
         out[m] = {
             "mean_minibatch_acc": sum(one) / len(one),
             "mean_whole_split_acc": sum(whole) / len(whole),
@@ -183,7 +175,7 @@ def main() -> None:
     rows = {}
     for name, arch in archs.items():
         r = retrain(data, arch, work / "retrain" / name, splits, tcfg)
-        r["supernet_acc"] = whole_split_accuracy(opened.evaluator, arch)
+        r["supernet_acc"] = opened.evaluator.split_score(arch).accuracy
         r["params"], r["macs"] = arch.num_params(), arch.macs()
         r["layers"] = [[x.kernel, x.dilation, x.skip] for x in arch.layers]
         rows[name] = r

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from search_quality import kendall_tau, retrain
 from torch import nn
 
 import _fashion
+from mnet.arch import Arch
 from mnet.data import Split
 from mnet.preprocess import Preprocess
 from mnet.search.batches import DeviceData
@@ -111,7 +113,6 @@ def train_module(model: nn.Module, splits: dict[str, Split], out: Path, cfg: Tra
 
 
 def final_run(args, splits: dict[str, Split], work: Path, seed0: dict) -> dict:
-    from mnet.arch import Arch
     from mnet.export.onnx import export_onnx
     from mnet.runtime.benchmark import measure_bundle
 
@@ -197,14 +198,12 @@ def main() -> None:
         t0 = time.time()
         if not (out / "arch.json").is_file():
             if out.exists():
-                import shutil
                 shutil.rmtree(out)
             search(None, out, base_cfg(seed), splits={"train": splits["train"]}, plots=False)
         search_s = json.loads((out / "search.json").read_text())["seconds"]["total"]
         opened = open_run(out, splits={"train": splits["train"]}, device="cpu")
         cfg = opened.config
         enas_pick = json.loads((out / "topk.json").read_text())[0]
-        from mnet.arch import Arch
         enas_arch = Arch.from_json(enas_pick["arch"])
         t0 = time.time()
         rand = derive(opened.space, opened.evaluator, None, samples=args.derive_samples + args.controller_steps,
@@ -235,7 +234,6 @@ def main() -> None:
     out = work / f"supernet_{other}"
     if not (out / "arch.json").is_file():
         if out.exists():
-            import shutil
             shutil.rmtree(out)
         search(None, out, base_cfg(0, sharing=other, strategy="random", derive_samples=1, controller_batch=1,
                                    controller=ControllerConfig(steps=0)),
