@@ -22,6 +22,8 @@ SCRIPTS = [
     ("inference.py", []),
     ("latency_predictor.py", []),
     ("runtime.py", []),
+    ("faults.py", []),
+    ("foreign.py", []),  # issue 14 item 13: trains a tiny bundle first, then two conveyor seeds  # issue 14's fault-injection bench: about 1 min (real time: processes, broker, camera)
     ("search_quality.py", []),
     ("controller_planted.py", []),
     ("search_real.py", []),  # Fashion-MNIST: about an hour on this 2-core CPU
@@ -51,6 +53,13 @@ ROWS = {
              "sections.search_120x160.paper_protocol_gpu_hours", "≤ 1"),
             ("Standalone retrain, 100 epochs, mnet-24-32, GPU-hours", "sections.child_epoch_24x32.paper_train_hours_100_epochs",
              None)],
+    "faults": [("Fault injection (backend raise/NaN, broker kill -9, SIGKILL+restart, SIGTERM, full disk, corrupt "
+                "video, clock step, camera unplug): rows with 0 keepable lost, 0 duplicates, right exit, no secret",
+                "rows_meeting_targets", "all"),
+               ("… rows that miss a target", "rows_failing", None)],
+    "foreign": [("Foreign objects rejected (leaves, gloves, stones, packaging; conveyor seed not tuned on)",
+                 "foreign_rejected", "≥ 0.9"),
+                ("… fruit rejected", "fruit_rejected", "≤ 0.05")],
     "search_quality": [("ENAS pick test accuracy (tiny, synthetic)", "enas_test_acc", None),
                        ("Random-search pick test accuracy", "random_test_acc", None),
                        ("Kendall τ supernet rank vs standalone", "kendall_tau", None)],
@@ -61,6 +70,8 @@ ROWS = {
                             "settings.paper.mean_g_mean", None)],
     "search_real": [("Fashion-MNIST: Kendall τ supernet vs standalone (n archs below)", "kendall_tau", "≥ 0.6"),
                     ("… its bootstrap 95% CI", "kendall_tau_ci95", None),
+                    ("… the highest τ the ground truth's seed noise lets any predictor show",
+                     "kendall_tau_ceiling.tau", None),
                     ("… archs retrained standalone (ground truth)", "n_archs", "≥ 30"),
                     ("Fashion-MNIST: ENAS pick test accuracy, mean ± std over seeds",
                      "search_test_acc_mean±search_test_acc_std", "> random by > 1 std"),

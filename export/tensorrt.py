@@ -2,6 +2,9 @@
 
     model.onnx / model.fp16.onnx / model.int8.onnx --ONNX parser + profile(1..max_batch)--> engine + sidecar
 
+A fixed-batch bundle, or a --dla build (DLA has no dynamic shapes), gets a static profile (min = opt = max)
+that the sidecar records; the runtime pads every batch to it.
+
 One engine per (precision, TensorRT version, GPU): `model.<precision>.<trt>.<gpu>.engine`, written as
 TensorRT serialised it (no header bytes, so trtexec, DeepStream and C++ loaders load it as is), beside
 its sidecar `<engine>.json` (`mnet.bundle.EngineInfo`, with the engine's size and sha256) that the runtime
@@ -67,6 +70,14 @@ def _check(b: Bundle, precision: str, max_batch: int, workspace_mb: int, dla: in
     if b.card.batch is not None and max_batch != b.card.batch:
         raise ConfigError(f"{b.path} was exported with a fixed batch of {b.card.batch}; pass --max-batch "
                           f"{b.card.batch} or re-export with --batch dynamic")
+
+
+def _min_batch(b: Bundle, max_batch: int, dla: int | None) -> int:
+    """The profile's smallest batch. DLA has no dynamic dimensions: the profile's min, opt and max must be
+    equal (TensorRT Developer Guide, DLA Supported Layers and Restrictions); a dynamic profile fails the
+    build, or with GPU fallback runs every layer on the GPU (NVIDIA/TensorRT#2319). So a DLA engine takes
+    exactly `max_batch` (the bundle's batch when it has one) and the runtime pads to it."""
+    return max_batch if dla is not None else (b.card.batch or 1)
 
 
 def _int8_source(b: Bundle) -> Path:
@@ -183,7 +194,7 @@ def build_engine(bundle: Bundle | str | os.PathLike, precision: str = "fp32", ma
         config.set_flag(getattr(trt.BuilderFlag, flag))
     h, w = b.card.input_hw
     name = b.card.input_name
-    min_batch = b.card.batch or 1
+    min_batch = _min_batch(b, max_batch, dla)
     profile = builder.create_optimization_profile()
     # opt = max: a grading loop fills batches when fruit crowd the belt, which is when speed matters
     profile.set_shape(name, (min_batch, 3, h, w), (max_batch, 3, h, w), (max_batch, 3, h, w))
@@ -200,8 +211,8 @@ def build_engine(bundle: Bundle | str | os.PathLike, precision: str = "fp32", ma
         cache = config.create_timing_cache(tc.read_bytes() if tc.is_file() else b"")
         config.set_timing_cache(cache, False)
 
-    log.info("building %s engine from %s (TensorRT %s, %s, batch 1..%d)", precision, source.name, trt.__version__,
-             gpu_name, max_batch)
+    log.info("building %s engine from %s (TensorRT %s, %s, batch %d..%d)", precision, source.name, trt.__version__,
+             gpu_name, min_batch, max_batch)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT {trt.__version__} could not build the {precision} engine: "
@@ -261,7 +272,7 @@ def trtexec_command(bundle: Bundle | str | os.PathLike, precision: str = "fp32",
     engine = (b.path / engine_filename(precision, trt_version, gpu_name) if trt_version and gpu_name
               else b.path / f"model.{precision}.engine")
     h, w = b.card.input_hw
-    name, lo = b.card.input_name, b.card.batch or 1
+    name, lo = b.card.input_name, _min_batch(b, max_batch, dla)
     args = ["trtexec", f"--onnx={source}", f"--saveEngine={engine}",
             f"--minShapes={name}:{lo}x3x{h}x{w}", f"--optShapes={name}:{max_batch}x3x{h}x{w}",
             f"--maxShapes={name}:{max_batch}x3x{h}x{w}", f"--memPoolSize=workspace:{workspace_mb}"]

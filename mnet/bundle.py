@@ -45,6 +45,7 @@ __all__ = [
     "EngineInfo",
     "engine_filename",
     "load_bundle",
+    "precision_choice_key",
     "update_card",
     "utc_now",
     "write_card",
@@ -58,7 +59,8 @@ FP16_FILE = "model.fp16.onnx"
 METADATA_KEY = "mnet.card"
 PRECISIONS = ("fp32", "fp16", "int8")
 _OUTPUTS = ("logits", "probs")
-_MERGED = ("metrics", "latency")  # update_card merges these key by key instead of replacing them
+# update_card merges these key by key instead of replacing them (precision_choice: one entry per backend/device)
+_MERGED = ("metrics", "latency", "precision_choice")
 
 
 def utc_now() -> str:
@@ -80,13 +82,37 @@ def _is_json_object(v: Any) -> bool:
     return isinstance(v, Mapping) and all(isinstance(k, str) for k in v)
 
 
+def precision_choice_key(backend: str, device: str) -> str:
+    """The `precision_choice` key of a backend on a device: "onnxruntime/cpu:<cpu model>", "tensorrt/cuda:Orin"."""
+    return f"{backend}/{device}"
+
+
+def _check_precision_choice(key: str, e: Any) -> None:
+    """One `precision_choice` entry (written by `mnet bundle bench --all`, mnet.runtime.benchmark)."""
+    w, name = "bundle card", f"precision_choice[{key!r}]"
+    _need(_is_json_object(e), w, name, e, "expected a JSON object")
+    _missing(f"bundle card {name}", e, {"backend", "device", "chosen", "measured", "tolerance_points"})
+    _need(key == precision_choice_key(e["backend"], e["device"]), w, f"{name}.device", e["device"],
+          f"the key must be '<backend>/<device>' = {precision_choice_key(e['backend'], e['device'])!r}")
+    m = e["measured"]
+    _need(_is_json_object(m) and "fp32" in m and all(p in PRECISIONS and isinstance(v, (int, float))
+                                                     and not isinstance(v, bool) and v > 0 for p, v in m.items()),
+          w, f"{name}.measured", m, f"expected {{precision: p50_ms > 0}} with fp32 among {list(PRECISIONS)}")
+    _need(e["chosen"] in m, w, f"{name}.chosen", e["chosen"], f"expected one of the measured {sorted(m)}")
+    t = e["tolerance_points"]
+    _need(isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0, w, f"{name}.tolerance_points", t,
+          "expected a number of accuracy points >= 0")
+
+
 @dataclass(frozen=True)
 class BundleCard:
     """`mnet.json`: what the model is, how to feed it, how good and how fast it is, where it came from.
 
     `metrics` holds `dev` (from the checkpoint), `parity` (ONNX vs PyTorch) and `int8` (calibration);
     `latency` is filled by the stages that measure it, keyed by whatever they measured (e.g.
-    "onnxruntime/cpu/fp32/b1"). Treat the dict fields as read-only: change a card with `update_card`.
+    "onnxruntime/cpu/fp32/b1"). `precision_choice` holds, per "<backend>/<device>", the precision
+    `mnet bundle bench --all` measured fastest within the accuracy tolerance (`--precision auto`). `open_set` is the runtime's open-set gate calibration (max-softmax
+    threshold on dev, `mnet.calibration.open_set`; read by runtime/gate.py), empty until calibrated. Treat the dict fields as read-only: change a card with `update_card`.
     """
 
     classes: tuple[str, ...]
@@ -104,6 +130,8 @@ class BundleCard:
     latency: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint path, sha256, epoch
     tools: dict[str, Any] = field(default_factory=dict)  # mnet, torch, onnx, onnxruntime, opset, exporter
+    open_set: dict[str, Any] = field(default_factory=dict)  # gate calibration (score, min_confidence, split, ...)
+    precision_choice: dict[str, Any] = field(default_factory=dict)  # {"<backend>/<device>": {chosen, measured, ...}}
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -135,9 +163,11 @@ class BundleCard:
         _need(self.batch is None or (isinstance(self.batch, int) and not isinstance(self.batch, bool) and self.batch >= 1),
               w, "batch", self.batch, "expected null (dynamic) or an integer >= 1")
         _need(isinstance(self.opset, int) and 7 <= self.opset <= 30, w, "opset", self.opset, "expected an ONNX opset number")
-        for name in ("metrics", "latency", "source", "tools"):
+        for name in ("metrics", "latency", "source", "tools", "open_set", "precision_choice"):
             v = getattr(self, name)
             _need(_is_json_object(v), w, name, v, "expected a JSON object")
+        for key, entry in self.precision_choice.items():
+            _check_precision_choice(key, entry)
         _need(isinstance(self.created, str), w, "created", self.created, "expected an ISO timestamp string")
 
     # --- derived -------------------------------------------------------------------------------
@@ -177,6 +207,8 @@ class BundleCard:
             "latency": dict(self.latency),
             "source": dict(self.source),
             "tools": dict(self.tools),
+            "open_set": dict(self.open_set),
+            "precision_choice": dict(self.precision_choice),
             "created": self.created,
         }
 
@@ -223,6 +255,8 @@ class BundleCard:
             latency=d.get("latency") or {},
             source=d.get("source") or {},
             tools=d.get("tools") or {},
+            open_set=d.get("open_set") or {},
+            precision_choice=d.get("precision_choice") or {},
             created=d.get("created", ""),
         )
 

@@ -9,6 +9,12 @@ the first/last frame in which any part of it is visible, ordered by exit:
     {"schema_version": 1, "fps": 30, "size": [w, h], "frames": N,
      "fruits": [{"fruit_id": 0, "grade": "B", "first_frame": 3, "last_frame": 80}, ...]}
 
+With `foreign=N`, N foreign objects (`mnet.synth.FOREIGN_KINDS`: leaves, gloves, stones, packaging)
+ride between the fruit, spaced like them, so the runtime's open-set gate can be measured (issue 14
+item 13, bench/foreign.py). The truth file is then version 2: every entry gains `kind` ("mango" or
+the foreign kind) and foreign entries have grade "foreign". Off by default, and a video without
+foreign objects is exactly what it was (version 1, same frames), so existing truth keeps its meaning.
+
 Everything derives from one seed: the same seed gives the same frames (and, with the same OpenCV
 build and codec, the same file).
 """
@@ -30,13 +36,16 @@ import cv2
 import numpy as np
 
 from mnet.errors import ConfigError, DataError
-from mnet.synth import CLASS_BALANCE, GRADES, belt_texture, draw_mango, draw_rails
+from mnet.synth import CLASS_BALANCE, FOREIGN_KINDS, GRADES, belt_texture, draw_foreign, draw_mango, draw_rails
 
-__all__ = ["ConveyorFruit", "ConveyorPlan", "make_conveyor_video", "plan_conveyor", "truth_path_for"]
+__all__ = ["FOREIGN", "ConveyorFruit", "ConveyorPlan", "make_conveyor_video", "plan_conveyor", "truth_path_for"]
 
 log = logging.getLogger(__name__)
 
 _SCHEMA_VERSION = 1
+_FOREIGN_SCHEMA_VERSION = 2  # truth with foreign objects: entries gain `kind`
+FOREIGN = "foreign"  # the truth grade of a foreign object
+_FOREIGN_LEN = (60.0, 150.0)  # foreign object length, px: from a pebble to a glove longer than a fruit
 _REF_W, _REF_H = 640, 480  # sizes below are given for this frame and scale with it
 _DEFAULT_SPEED = 10.0      # px/frame at 640 wide: a 20-fruit video at 30 fps lasts about 15 s
 _LEN_RANGE = (80.0, 140.0)  # fruit length, px
@@ -50,7 +59,10 @@ Progress = Optional[Callable[[int, int], None]]
 
 @dataclass(frozen=True)
 class ConveyorFruit:
-    """One fruit: its look (grade, seed), pose, and where it is on the belt."""
+    """One object on the belt: its look (grade, seed), pose, and where it is on the belt.
+
+    A foreign object has grade FOREIGN, its `kind`, and axes (L/2, L/2) for an object L px long.
+    """
 
     fruit_id: int
     grade: str
@@ -62,6 +74,16 @@ class ConveyorFruit:
     box: tuple[int, int, int, int]    # painted box relative to the centre: dx0, dy0, dx1, dy1 (exclusive)
     first_frame: int
     last_frame: int
+    kind: str = "mango"
+
+
+def _paint(img: np.ndarray, f_seed: np.random.SeedSequence, grade: str, kind: str, centre: tuple[int, int],
+           axes: tuple[float, float], angle: float, shadow: float) -> tuple[int, int, int, int]:
+    # A fresh generator from the object's seed repaints the identical object every frame.
+    rng = np.random.default_rng(f_seed)
+    if grade == FOREIGN:
+        return draw_foreign(img, rng, kind, centre, 2.0 * axes[0], angle, shadow=shadow)
+    return draw_mango(img, rng, grade, centre, axes, angle, shadow=shadow)
 
 
 @dataclass
@@ -100,21 +122,21 @@ class ConveyorPlan:
         boxes = []
         off = self.offset(frame)
         for f in self.visible(frame):
-            # A fresh generator from the fruit's seed repaints the identical fruit every frame.
-            rng = np.random.default_rng(f.seed)
-            box = draw_mango(img, rng, f.grade, (f.x0 + off, f.y), f.axes, f.angle, shadow=_SHADOW)
+            box = _paint(img, f.seed, f.grade, f.kind, (f.x0 + off, f.y), f.axes, f.angle, _SHADOW)
             boxes.append((f.fruit_id, box))
         return img, boxes
 
     def truth(self) -> dict[str, Any]:
         fruits = sorted(self.fruits, key=lambda f: (f.last_frame, f.fruit_id))
+        with_kind = any(f.grade == FOREIGN for f in fruits)
         return {
-            "schema_version": _SCHEMA_VERSION,
+            "schema_version": _FOREIGN_SCHEMA_VERSION if with_kind else _SCHEMA_VERSION,
             "fps": self.fps,
             "size": [int(self.size_wh[0]), int(self.size_wh[1])],
             "frames": int(self.frames),
             "fruits": [
-                {"fruit_id": f.fruit_id, "grade": f.grade, "first_frame": f.first_frame, "last_frame": f.last_frame}
+                {"fruit_id": f.fruit_id, "grade": f.grade, "first_frame": f.first_frame, "last_frame": f.last_frame,
+                 **({"kind": f.kind} if with_kind else {})}
                 for f in fruits
             ],
         }
@@ -144,12 +166,11 @@ def _backdrop(rng: np.random.Generator, w: int, h: int, top: int, bot: int) -> n
 
 
 def _measure_box(fruit_seed: np.random.SeedSequence, grade: str, axes: tuple[float, float],
-                 angle: float) -> tuple[int, int, int, int]:
-    """Painted box of a fruit relative to its (integer) centre, measured by painting it once."""
+                 angle: float, kind: str = "mango") -> tuple[int, int, int, int]:
+    """Painted box of an object relative to its (integer) centre, measured by painting it once."""
     r = math.ceil(axes[0] * 1.6) + 8
     scratch = np.zeros((2 * r + 1, 2 * r + 1, 3), np.uint8)
-    x0, y0, x1, y1 = draw_mango(scratch, np.random.default_rng(fruit_seed), grade, (r, r), axes, angle,
-                                shadow=0.0)
+    x0, y0, x1, y1 = _paint(scratch, fruit_seed, grade, kind, (r, r), axes, angle, 0.0)
     if x0 == 0 or y0 == 0 or x1 == scratch.shape[1] or y1 == scratch.shape[0]:
         raise AssertionError("scratch canvas too small to measure a fruit")  # a bug, not a user error
     return x0 - r, y0 - r, x1 - r, y1 - r
@@ -161,12 +182,15 @@ def plan_conveyor(
     fps: float = 30,
     size_wh: tuple[int, int] = (640, 480),
     speed_px: float | None = None,
+    foreign: int = 0,
 ) -> ConveyorPlan:
-    """Lay out a conveyor video (fruit, poses, spacing, frame count) without rendering it."""
-    fruits = int(fruits)
+    """Lay out a conveyor video (fruit, foreign objects, poses, spacing, frame count) without rendering it."""
+    fruits, foreign = int(fruits), int(foreign)
     w, h = int(size_wh[0]), int(size_wh[1])
     if fruits < 1:
         raise ConfigError(f"fruits = {fruits}: need at least 1")
+    if foreign < 0:
+        raise ConfigError(f"foreign = {foreign}: expected 0 or more foreign objects")
     if not fps > 0:
         raise ConfigError(f"fps = {fps}: must be > 0")
     if w < 160 or h < 120 or w > 4096 or h > 4096:
@@ -180,17 +204,35 @@ def plan_conveyor(
     top, bot = round(0.1 * h), round(0.9 * h)
     cum = np.cumsum(CLASS_BALANCE)
 
+    # Foreign objects draw from their own streams, so the fruit of a seed are the same with or without them.
+    odd = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(3,)))
+    is_foreign = np.zeros(fruits + foreign, bool)
+    if foreign:
+        is_foreign[odd.choice(fruits + foreign, foreign, replace=False)] = True
+
     placed = []
-    prev_left = None  # belt-frame column of the previous fruit's left edge
-    for i in range(fruits):
-        grade = GRADES[int(min(np.searchsorted(cum, layout.random() * cum[-1], side="right"), 2))]
-        a = layout.uniform(*_LEN_RANGE) * scale / 2.0
-        b = a * layout.uniform(0.6, 0.74)
-        angle = float(layout.uniform(-35, 35) + (180.0 if layout.random() < 0.5 else 0.0))
-        gap = layout.uniform(*_GAP_RANGE) * scale
-        yr = layout.random()
-        fseed = np.random.SeedSequence(int(seed), spawn_key=(1, i))
-        dx0, dy0, dx1, dy1 = _measure_box(fseed, grade, (a, b), angle)
+    prev_left = None  # belt-frame column of the previous object's left edge
+    n_fruit = n_foreign = 0
+    for i in range(fruits + foreign):
+        if is_foreign[i]:
+            grade, kind = FOREIGN, FOREIGN_KINDS[int(odd.integers(len(FOREIGN_KINDS)))]
+            a = b = odd.uniform(*_FOREIGN_LEN) * scale / 2.0
+            angle = float(odd.uniform(0, 360))
+            gap = odd.uniform(*_GAP_RANGE) * scale
+            yr = odd.random()
+            fseed = np.random.SeedSequence(int(seed), spawn_key=(4, n_foreign))
+            n_foreign += 1
+        else:
+            kind = "mango"
+            grade = GRADES[int(min(np.searchsorted(cum, layout.random() * cum[-1], side="right"), 2))]
+            a = layout.uniform(*_LEN_RANGE) * scale / 2.0
+            b = a * layout.uniform(0.6, 0.74)
+            angle = float(layout.uniform(-35, 35) + (180.0 if layout.random() < 0.5 else 0.0))
+            gap = layout.uniform(*_GAP_RANGE) * scale
+            yr = layout.random()
+            fseed = np.random.SeedSequence(int(seed), spawn_key=(1, n_fruit))
+            n_fruit += 1
+        dx0, dy0, dx1, dy1 = _measure_box(fseed, grade, (a, b), angle, kind)
         margin = math.ceil(4 * scale)
         lo, hi = top + margin - dy0, bot - margin - dy1
         y = round(lo + yr * (hi - lo)) if hi > lo else (top + bot) // 2
@@ -200,18 +242,18 @@ def plan_conveyor(
         else:
             x0 = math.floor(prev_left - gap) - dx1
         prev_left = x0 + dx0
-        placed.append((i, grade, fseed, (a, b), angle, y, x0, (dx0, dy0, dx1, dy1)))
+        placed.append((i, grade, fseed, (a, b), angle, y, x0, (dx0, dy0, dx1, dy1), kind))
 
     # Frame of entry/exit from the (monotone) belt offset; enough frames for the last fruit to leave.
     last_x0, last_box = placed[-1][6], placed[-1][7]
     n_guess = math.ceil((w - last_box[0] - last_x0) / speed) + 2 * _LEAD_FRAMES + 2
     offs = np.floor(speed * np.arange(n_guess) + 0.5).astype(np.int64)
     planned = []
-    for i, grade, fseed, axes, angle, y, x0, box in placed:
+    for i, grade, fseed, axes, angle, y, x0, box, kind in placed:
         dx0, _, dx1, _ = box
         first = int(np.searchsorted(offs, 1 - dx1 - x0, side="left"))        # right edge reaches column 0
         last = int(np.searchsorted(offs, w - 1 - dx0 - x0, side="right")) - 1  # left edge still ≤ w-1
-        planned.append(ConveyorFruit(i, grade, fseed, axes, angle, y, x0, box, first, last))
+        planned.append(ConveyorFruit(i, grade, fseed, axes, angle, y, x0, box, first, last, kind))
     frames = max(f.last_frame for f in planned) + 1 + _LEAD_FRAMES
 
     scene = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(2,)))
@@ -230,11 +272,12 @@ def make_conveyor_video(
     speed_px: float | None = None,
     codec: str = "mp4v",
     progress: Progress = None,
+    foreign: int = 0,
 ) -> dict[str, Any]:
     """Write the conveyor video and its `<stem>.truth.json`; return a summary.
 
     `codec` is a FourCC for cv2.VideoWriter: "mp4v" (.mp4) or "MJPG" (.avi). `speed_px` is the belt
-    speed in px/frame (default 10 at 640 px wide). The video is written to a temporary name in the
+    speed in px/frame (default 10 at 640 px wide); `foreign` adds that many foreign objects. The video is written to a temporary name in the
     same folder and renamed into place (replacing an existing file), and so is the truth file.
     Raises DataError when the writer cannot be opened (codec or container unsupported by this
     OpenCV build) and ConfigError for invalid options.
@@ -247,7 +290,7 @@ def make_conveyor_video(
         raise ConfigError(f"{out}: codec MJPG needs a .avi file name")
     if not out.suffix:
         raise ConfigError(f"{out}: give the video file an extension (.mp4 for mp4v, .avi for MJPG)")
-    plan = plan_conveyor(fruits=fruits, seed=seed, fps=fps, size_wh=size_wh, speed_px=speed_px)
+    plan = plan_conveyor(fruits=fruits, seed=seed, fps=fps, size_wh=size_wh, speed_px=speed_px, foreign=foreign)
     w, h = plan.size_wh
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,12 +334,15 @@ def make_conveyor_video(
         raise
 
     seconds = time.perf_counter() - t_start
-    log.info("wrote %s: %d frames, %d fruit in %.1f s", out, plan.frames, len(plan.fruits), seconds)
+    n_foreign = sum(1 for f in plan.fruits if f.grade == FOREIGN)
+    log.info("wrote %s: %d frames, %d fruit, %d foreign in %.1f s", out, plan.frames, len(plan.fruits) - n_foreign,
+             n_foreign, seconds)
     return {
         "path": str(out),
         "truth_path": str(truth_path),
         "frames": plan.frames,
-        "fruits": len(plan.fruits),
+        "fruits": len(plan.fruits) - n_foreign,
+        "foreign": n_foreign,
         "grades": {g: sum(1 for f in plan.fruits if f.grade == g) for g in GRADES},
         "fps": plan.fps,
         "size": [w, h],

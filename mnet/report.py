@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mnet.arch import Arch
+from mnet.arch import PRESETS, Arch
 from mnet.errors import DataError
 from mnet.io import atomic_path, read_json, write_text
 from mnet.metrics import pareto_front
@@ -89,6 +89,17 @@ def _search_method(search: dict) -> str:
     return "random search" if search.get("config", {}).get("strategy") == "random" else "ENAS (RL)"
 
 
+def _mnet_name(arch: Arch) -> str:
+    """The model's name from the preset whose skeleton it has: "MNet-24-32 (12L, C=256)" only for the paper's
+    skeleton, "MNet-tiny (4L, C=16)" for the demo's, "MNet custom (6L, C=64)" for any other (the input size
+    has its own column)."""
+    preset = next((name for name, sp in PRESETS.items()
+                   if (sp.num_layers, sp.width, tuple(sp.input_hw), sp.stem_stride)
+                   == (arch.num_layers, arch.width, tuple(arch.input_hw), arch.stem_stride)), None)
+    base = "MNet custom" if preset is None else "MNet-" + preset.removeprefix("mnet-")
+    return f"{base} ({arch.num_layers}L, C={arch.width})"
+
+
 def _train_row(run: Path, searches: dict[str, dict]) -> ModelRow:
     meta = read_json(run / "train.json", "train.json")
     test = run / "test_metrics.json"
@@ -105,7 +116,7 @@ def _train_row(run: Path, searches: dict[str, dict]) -> ModelRow:
         return ModelRow(meta["model_name"], str(run), hw, "manual", params=params, macs=macs, accuracy=acc,
                         accuracy_split=split, confusion=cm)
     arch = Arch.from_json(meta["arch"])
-    row = ModelRow(f"MNet-{hw[0]}-{hw[1]} ({arch.num_layers}L, C={arch.width})", str(run), hw, "random sample", params=arch.num_params(),
+    row = ModelRow(_mnet_name(arch), str(run), hw, "random sample", params=arch.num_params(),
                    macs=arch.macs(), accuracy=acc, accuracy_split=split, confusion=cm, arch=arch)
     src = meta.get("arch_source")
     if src and (Path(src).parent / "search.json").is_file():

@@ -18,7 +18,8 @@ disagreement. Defects are sized so that most stay visible after the models' 24×
 CNN can learn the grades, a linear probe on pixels much less so, and nothing reaches 100%.
 
 `draw_mango` paints one fruit onto an existing canvas; the conveyor video (`mnet.conveyor`) reuses it
-and `belt_texture`, so dataset fruit and video fruit look alike.
+and `belt_texture`, so dataset fruit and video fruit look alike. `draw_foreign` paints what must not be
+graded (leaves, gloves, stones, packaging) for the conveyor's foreign objects; never in the dataset.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ __all__ = [
     "PORTRAIT_FRACTION",
     "SCENES",
     "SPLITS",
+    "FOREIGN_KINDS",
     "belt_texture",
+    "draw_foreign",
     "draw_labels",
     "draw_mango",
     "draw_rails",
@@ -458,31 +461,203 @@ def draw_mango(
         col_u8 = cv2.resize(col_u8, (rw, rh), interpolation=cv2.INTER_LINEAR)
         alpha = cv2.resize(alpha, (rw, rh), interpolation=cv2.INTER_LINEAR)
 
-    # Clip the ROI to the canvas and composite: shadow first, then the fruit.
+    return _composite(canvas, col_u8, alpha, ix - ex, iy - ey, shadow, b)
+
+
+def _composite(canvas: np.ndarray, col_u8: np.ndarray, alpha: np.ndarray, x0: int, y0: int, shadow: float,
+               shadow_px: float) -> tuple[int, int, int, int]:
+    """Blend a rendered object (colour + alpha, top-left corner at x0, y0) onto `canvas`, clipped to
+    it: a soft shadow first (offset as if lit from the top left, `shadow_px` its scale), then the
+    object. Returns the visible object's box (x0, y0, x1, y1), all zeros when nothing shows."""
+    h, w = alpha.shape[:2]
     H, W = canvas.shape[:2]
-    X0, Y0 = ix - ex, iy - ey
-    cx0, cy0 = max(X0, 0), max(Y0, 0)
-    cx1, cy1 = min(X0 + rw, W), min(Y0 + rh, H)
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
     if cx1 <= cx0 or cy1 <= cy0:
         return (0, 0, 0, 0)
-    sl = (slice(cy0 - Y0, cy1 - Y0), slice(cx0 - X0, cx1 - X0))
+    sl = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
     dst = canvas[cy0:cy1, cx0:cx1]
     al = np.ascontiguousarray(alpha[sl])
     if shadow > 0:
-        m = np.float32([[1, 0, 0.10 * b], [0, 1, 0.16 * b]])  # light from the top left
-        sh = cv2.warpAffine(alpha, m, (rw, rh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        kk = max(3, int(0.2 * b) | 1)
+        m = np.float32([[1, 0, 0.10 * shadow_px], [0, 1, 0.16 * shadow_px]])
+        sh = cv2.warpAffine(alpha, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        kk = max(3, int(0.2 * shadow_px) | 1)
         sh = np.ascontiguousarray(cv2.blur(sh, (kk, kk))[sl]) * float(shadow)
         dst = cv2.blendLinear(dst, np.zeros_like(dst), 1.0 - sh, sh)
     # blendLinear divides by w1 + w2; keep it away from 0 where both weights vanish.
     dst = cv2.blendLinear(dst, np.ascontiguousarray(col_u8[sl]), 1.0 - al + 1e-6, al)
     canvas[cy0:cy1, cx0:cx1] = dst
-
     seen = al > 0.05
     rows, cols = np.flatnonzero(seen.any(1)), np.flatnonzero(seen.any(0))
     if rows.size == 0:
         return (0, 0, 0, 0)
     return (cx0 + int(cols[0]), cy0 + int(rows[0]), cx0 + int(cols[-1]) + 1, cy0 + int(rows[-1]) + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# foreign material (conveyor video only): things that are not fruit but reach the belt
+# --------------------------------------------------------------------------------------------------
+FOREIGN_KINDS = ("leaf", "glove", "stone", "packaging")
+
+# RGB palettes; each object picks one entry and jitters it. Leaves are mostly green (some autumn
+# colours that sit on the mango ramp: their shape must give them away), gloves nitrile blue/purple,
+# black, white latex or yellow rubber, stones grey to terracotta, packaging cardboard or printed film.
+_LEAF_RGB = np.array([(46, 104, 38), (72, 128, 44), (96, 118, 34), (58, 92, 52), (188, 98, 34), (150, 52, 34)],
+                     np.float32)
+_GLOVE_RGB = np.array([(48, 96, 200), (112, 70, 176), (38, 38, 44), (226, 222, 206), (236, 200, 48)], np.float32)
+_STONE_RGB = np.array([(128, 126, 120), (104, 98, 92), (150, 132, 112), (92, 100, 108), (166, 104, 78)], np.float32)
+_PACK_RGB = np.array([(168, 128, 84), (196, 40, 44), (40, 80, 190), (232, 232, 228), (48, 150, 70)], np.float32)
+
+
+def _poly(pts_uv: np.ndarray, angle_deg: float, centre: float) -> np.ndarray:
+    """Object coordinates (u along the object, v across) → int32 points for cv2 with shift=4."""
+    th = math.radians(angle_deg)
+    c, s = math.cos(th), math.sin(th)
+    x = pts_uv[:, 0] * c - pts_uv[:, 1] * s + centre
+    y = pts_uv[:, 0] * s + pts_uv[:, 1] * c + centre
+    return np.round(np.stack([x, y], 1) * 16).astype(np.int32)
+
+
+def _capsule_uv(p0: tuple[float, float], p1: tuple[float, float], r: float, n: int = 10) -> np.ndarray:
+    """Outline of a stadium (finger, stem) from p0 to p1 with radius r, object coordinates."""
+    (u0, v0), (u1, v1) = p0, p1
+    ang = math.atan2(v1 - v0, u1 - u0)
+    half = np.linspace(-math.pi / 2, math.pi / 2, n)
+    a = [(u1 + r * math.cos(ang + t), v1 + r * math.sin(ang + t)) for t in half]
+    b = [(u0 + r * math.cos(ang + math.pi + t), v0 + r * math.sin(ang + math.pi + t)) for t in half]
+    return np.array(a + b, np.float64)
+
+
+def _foreign_shape(rng: np.random.Generator, kind: str, size: float) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The outline polygons (object coordinates) and look of one foreign object, drawn in a fixed order."""
+    L = size
+    look: dict[str, Any] = {"lines": []}
+    if kind == "leaf":
+        w = L * rng.uniform(0.12, 0.2)
+        t = np.linspace(0.0, 1.0, 48)
+        serr = rng.uniform(0.0, 0.12) * np.sin(t * rng.uniform(40, 80))
+        half = w * np.sin(math.pi * t) ** rng.uniform(0.6, 0.9) * (1.0 + serr)
+        u = (t - 0.5) * L
+        outline = np.concatenate([np.stack([u, -half], 1), np.stack([u[::-1], half[::-1]], 1)])
+        stem = _capsule_uv((-0.5 * L - 0.14 * L, 0.0), (-0.5 * L + 0.02 * L, 0.0), max(1.0, 0.012 * L))
+        look["rgb"] = _LEAF_RGB[int(rng.integers(len(_LEAF_RGB)))]
+        look["lines"].append(((-0.5 * L, 0.0), (0.45 * L, 0.0), 0.25))  # midrib, lighter
+        for k in range(int(rng.integers(4, 8))):
+            u0 = -0.4 * L + k * 0.8 * L / 7
+            for sgn in (-1, 1):
+                look["lines"].append(((u0, 0.0), (u0 + 0.12 * L, sgn * 0.8 * w), 0.15))
+        return [outline, stem], look
+    if kind == "glove":
+        pw = L * rng.uniform(0.26, 0.32)          # palm half-width
+        spread = rng.uniform(0.0, 1.0)              # 0: fingers together (a crumpled glove), 1: spread
+        palm = _capsule_uv((-0.35 * L, 0.0), (0.0, 0.0), pw, 14)
+        cuff = np.array([(-0.62 * L, -0.8 * pw), (-0.3 * L, -0.9 * pw), (-0.3 * L, 0.9 * pw), (-0.62 * L, 0.8 * pw)])
+        polys = [palm, cuff]
+        fr = pw * 0.22
+        for k in range(4):
+            v0 = (-0.66 + 0.44 * k) * pw
+            ang = math.radians((-18 + 12 * k) * spread)
+            flen = L * rng.uniform(0.26, 0.36) * (0.8 if k in (0, 3) else 1.0)
+            polys.append(_capsule_uv((0.0, v0), (flen * math.cos(ang), v0 + flen * math.sin(ang)), fr, 8))
+        tang = math.radians(-60 - 30 * spread)
+        polys.append(_capsule_uv((-0.2 * L, -0.8 * pw), (-0.2 * L + 0.25 * L * math.cos(tang),
+                                                         -0.8 * pw + 0.25 * L * math.sin(tang)), fr * 1.1, 8))
+        look["rgb"] = _GLOVE_RGB[int(rng.integers(len(_GLOVE_RGB)))]
+        for _ in range(int(rng.integers(3, 7))):  # creases
+            p = (rng.uniform(-0.5, 0.1) * L, rng.uniform(-0.7, 0.7) * pw)
+            look["lines"].append((p, (p[0] + rng.uniform(-0.15, 0.15) * L, p[1] + rng.uniform(-0.3, 0.3) * pw), -0.3))
+        return polys, look
+    if kind == "stone":
+        n = int(rng.integers(8, 14))
+        ang = np.sort(rng.uniform(0, 2 * math.pi, n))
+        aspect = rng.uniform(0.55, 0.95)
+        r = 0.5 * L * (1.0 + rng.uniform(-0.18, 0.12, n))
+        outline = np.stack([r * np.cos(ang), aspect * r * np.sin(ang)], 1)
+        look["rgb"] = _STONE_RGB[int(rng.integers(len(_STONE_RGB)))]
+        look["speckle"] = int(rng.integers(60, 200))
+        return [outline], look
+    if kind == "packaging":
+        hw, hh = 0.5 * L, 0.5 * L * rng.uniform(0.45, 0.95)
+        if rng.random() < 0.3:  # a crumpled wrapper: a few sharp corners
+            n = int(rng.integers(5, 8))
+            ang = np.sort(rng.uniform(0, 2 * math.pi, n))
+            r = rng.uniform(0.8, 1.0, n)
+            outline = np.stack([hw * r * np.cos(ang), hh * r * np.sin(ang)], 1)
+        else:
+            outline = np.array([(-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh)])
+        look["rgb"] = _PACK_RGB[int(rng.integers(len(_PACK_RGB)))]
+        look["stripes"] = [(rng.uniform(-0.8, 0.6) * hw, rng.uniform(0.06, 0.25) * hw,
+                            _PACK_RGB[int(rng.integers(len(_PACK_RGB)))]) for _ in range(int(rng.integers(1, 4)))]
+        look["text"] = [(rng.uniform(-0.8, 0.5) * hw, rng.uniform(-0.8, 0.6) * hh, rng.uniform(0.15, 0.4) * hw)
+                        for _ in range(int(rng.integers(2, 6)))]
+        return [outline], look
+    raise ValueError(f"kind must be one of {FOREIGN_KINDS}, got {kind!r}")
+
+
+def draw_foreign(
+    canvas: np.ndarray,
+    rng: np.random.Generator,
+    kind: str,
+    center_xy: tuple[float, float],
+    size_px: float,
+    angle_deg: float,
+    *,
+    shadow: float = 0.45,
+) -> tuple[int, int, int, int]:
+    """Paint one foreign object (`FOREIGN_KINDS`) of about `size_px` long onto `canvas`; return its box.
+
+    The counterpart of `draw_mango` for the conveyor: same box convention (clipped, x1/y1 exclusive,
+    (0, 0, 0, 0) off-canvas), same drop shadow, and the same generator state paints the same object
+    at any integer position. Shapes, colours and textures are deliberately unlike a mango's (flat
+    leaves with veins, fingered gloves, speckled stones, printed rectangles), though some share its hue.
+    """
+    if kind not in FOREIGN_KINDS:
+        raise ValueError(f"kind must be one of {FOREIGN_KINDS}, got {kind!r}")
+    if canvas.ndim != 3 or canvas.shape[2] != 3 or canvas.dtype != np.uint8:
+        raise ValueError("canvas must be an HxWx3 uint8 BGR image")
+    if size_px <= 4:
+        raise ValueError(f"size_px must be > 4 px, got {size_px}")
+    polys, look = _foreign_shape(rng, kind, float(size_px))
+    sub = np.random.default_rng(rng.integers(0, 2**63))
+    R = math.ceil(0.75 * size_px) + 8
+    n = 2 * R + 1
+    mask = np.zeros((n, n), np.uint8)
+    for p in polys:  # one call each: fillPoly takes overlapping polygons as holes (even-odd)
+        cv2.fillPoly(mask, [_poly(p, angle_deg, R)], 255, cv2.LINE_AA, 4)
+    alpha = mask.astype(np.float32) / 255.0
+
+    rgb = np.clip(look["rgb"] + sub.uniform(-14, 14, 3), 0, 255).astype(np.float32)
+    col = np.empty((n, n, 3), np.float32)
+    col[:] = rgb[::-1]
+    col *= (1.0 + 0.06 * _smooth_field(sub, n, n, (6, 6)))[..., None]
+    for p0, p1, gain in look["lines"]:  # veins and creases
+        line = np.zeros((n, n), np.uint8)
+        q = _poly(np.array([p0, p1]), angle_deg, R)
+        cv2.line(line, tuple(q[0]), tuple(q[1]), 255, max(1, round(0.012 * size_px)), cv2.LINE_AA, 4)
+        _paint(col, line, np.clip(rgb[::-1] * (1.0 + gain), 0, 255), 0.8)
+    if kind == "stone":  # granite speckle
+        dots = np.zeros((n, n), np.uint8)
+        for _ in range(look["speckle"]):
+            cv2.circle(dots, (int(sub.integers(n)), int(sub.integers(n))), int(sub.integers(1, 3)), 255, -1)
+        _paint(col, dots, np.clip(rgb[::-1] * sub.uniform(0.4, 1.6), 0, 255), 0.7)
+    if kind == "packaging":
+        for u0, width, srgb in look["stripes"]:
+            band = np.zeros((n, n), np.uint8)
+            hh = size_px
+            cv2.fillPoly(band, [_poly(np.array([(u0, -hh), (u0 + width, -hh), (u0 + width, hh), (u0, hh)]),
+                                      angle_deg, R)], 255, cv2.LINE_AA, 4)
+            _paint(col, band, srgb[::-1], 1.0)
+        for u0, v0, ln in look["text"]:  # print: rows of dark blocks
+            txt = np.zeros((n, n), np.uint8)
+            q = _poly(np.array([(u0, v0), (u0 + ln, v0)]), angle_deg, R)
+            cv2.line(txt, tuple(q[0]), tuple(q[1]), 255, max(1, round(0.04 * size_px)), cv2.LINE_AA, 4)
+            _paint(col, txt, (30, 30, 30), 0.9)
+    # Flat or mildly curved surfaces: a gentle light ramp from the top left, not a fruit's bulge.
+    ramp = np.linspace(1.08, 0.88, n, dtype=np.float32)
+    col *= (ramp[None, :, None] * 0.5 + ramp[:, None, None] * 0.5)
+    col_u8 = np.clip(col + 0.5, 0, 255).astype(np.uint8)
+
+    ix, iy = round(float(center_xy[0])), round(float(center_xy[1]))
+    return _composite(canvas, col_u8, alpha, ix - R, iy - R, shadow, 0.3 * size_px)
 
 
 # --------------------------------------------------------------------------------------------------

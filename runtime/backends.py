@@ -5,7 +5,8 @@
 
 Every backend takes NCHW float32 (the output of `Preprocess`) and returns probabilities: the bundle's
 models output logits and `Backend.infer` applies the softmax, so all backends agree by construction.
-Batches larger than an engine's profile allows are split; a fixed-batch ONNX model is fed padded chunks.
+Batches larger than an engine's profile allows are split; a fixed-batch ONNX model, and a TensorRT engine
+with a static profile (fixed-batch bundle, DLA), is fed padded chunks.
 
 Nothing heavy is imported at module level: not torch (a Jetson runtime has none — a test proves it),
 not tensorrt, not CUDA. TensorRT device memory goes through cuda-python (`cuda.bindings.runtime`, or
@@ -24,17 +25,19 @@ and, only where it is absent (8.2/8.4 on JetPack 4.6 and 5.0), the binding API (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
 
-from mnet.bundle import PRECISIONS, Bundle, EngineInfo, load_bundle
+from mnet.bundle import PRECISIONS, Bundle, EngineInfo, load_bundle, precision_choice_key
 from mnet.errors import BackendError, ConfigError, MnetError
 from mnet.io import read_json, sha256_file
 
@@ -45,7 +48,9 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchBackend",
+    "backend_device",
     "cuda_runtime",
+    "device_label",
     "engine_file_mismatch",
     "engine_mismatch",
     "find_engine",
@@ -447,6 +452,13 @@ class TensorRTBackend(Backend):
                                f"{[t['name'] for t in inputs]} / {[t['name'] for t in outputs]}")
         self._in, self._out = inputs[0], outputs[0]
         self.num_classes = int(self._out["shape"][-1])
+        self._engine_path, self._profile = engine_path, self._input_profile()
+        lo, hi = self._profile[0][0], self._profile[2][0]
+        # A DLA engine or a fixed-batch ONNX takes one batch size only (profile min = max, or a static
+        # input): DLA has no dynamic dimensions, "the runtime dimensions must be the same as the dimensions
+        # used for building" (TensorRT Developer Guide, DLA Supported Layers and Restrictions). `infer`
+        # pads every chunk to it, as for a fixed-batch ONNX in onnxruntime.
+        self.max_batch, self.exact_batch = hi, (hi if lo == hi else None)
         self._stream = self._cuda.stream()
         for t in self._tensors:  # buffers for the largest batch the profile allows, allocated once
             per_item = int(np.prod([d for d in t["shape"][1:]])) * t["dtype"].itemsize
@@ -463,19 +475,42 @@ class TensorRTBackend(Backend):
                  "dtype": np.dtype(trt.nptype(e.get_binding_dtype(i))), "shape": tuple(e.get_binding_shape(i))}
                 for i in range(e.num_bindings)]
 
+    def _input_profile(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) input shapes of the engine's profile 0; a static input is its own profile."""
+        t = self._in
+        if all(d >= 0 for d in t["shape"]):
+            return (t["shape"],) * 3
+        if self._v3:
+            shapes = self.engine.get_tensor_profile_shape(t["name"], 0)
+        else:
+            shapes = self.engine.get_profile_shape(0, t["index"])
+        lo, opt, hi = (tuple(int(d) for d in s) for s in shapes)
+        return lo, opt, hi
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         n = len(x)
         x = np.ascontiguousarray(x, dtype=self._in["dtype"])
         out = np.empty((n, self.num_classes), self._out["dtype"])
         cuda, stream = self._cuda, self._stream
+        # The shape first: it is checked against the profile, which also sized the buffers. A refused
+        # shape is a False return, not an exception (IExecutionContext.set_input_shape / set_binding_shape),
+        # and the context keeps the previous shape, so ignoring it fails or runs the wrong batch.
+        if self._v3:
+            shaped = self.context.set_input_shape(self._in["name"], tuple(x.shape))
+        else:
+            shaped = self.context.set_binding_shape(self._in["index"], tuple(x.shape))
+        if not shaped:
+            lo, _, hi = self._profile
+            raise BackendError(f"{self._engine_path.name}: TensorRT refused input shape {tuple(x.shape)} for "
+                               f"{self._in['name']!r}; the engine's profile takes {lo} to {hi}"
+                               f"{' exactly' if lo == hi else ''}; for other batch sizes "
+                               f"{_rebuild_hint(self._engine_path.parent, self.precision)} --max-batch N")
         cuda.htod(self._in["ptr"], x, stream)
         if self._v3:
-            self.context.set_input_shape(self._in["name"], tuple(x.shape))
             for t in self._tensors:
                 self.context.set_tensor_address(t["name"], t["ptr"])
             ok = self.context.execute_async_v3(cuda.handle(stream))
         else:
-            self.context.set_binding_shape(self._in["index"], tuple(x.shape))
             bindings = [0] * len(self._tensors)
             for t in self._tensors:
                 bindings[t["index"]] = t["ptr"]
@@ -529,12 +564,17 @@ class TorchBackend(Backend):
 def open_backend(bundle: Bundle | str | os.PathLike, backend: str = "auto", precision: str = "fp32", *,
                  providers: Providers = "auto", threads: int | None = None) -> Backend:
     """Open the bundle's model for `precision` on `backend` ("auto": a matching TensorRT engine when
-    tensorrt is importable and the bundle has one for this device, else ONNX Runtime)."""
+    tensorrt is importable and the bundle has one for this device, else ONNX Runtime).
+
+    precision="auto": the precision `mnet bundle bench --all` recorded for this backend and device in the
+    card (`precision_choice`), or fp32 with a warning saying how to measure one."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if precision == "auto":
+        backend, precision = _recorded_precision(b, backend, providers)
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)} or auto")
     if backend == "auto":
         backend = "tensorrt" if _engine_here(b, precision) else "onnxruntime"
     if backend == "tensorrt":
@@ -569,3 +609,70 @@ def _engine_here(bundle: Bundle, precision: str) -> bool:
     except MnetError as e:
         log.info("backend auto: not using TensorRT (%s)", e)
         return False
+
+
+# --- precision "auto": what `mnet bundle bench --all` measured on this device -------------------------
+@functools.lru_cache(maxsize=1)
+def _host_hardware() -> str:
+    """The board (Jetson: /proc/device-tree/model) or CPU model this runs on, else the machine type."""
+    try:
+        return Path("/proc/device-tree/model").read_bytes().rstrip(b"\0").decode(errors="replace").strip()
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except (OSError, IndexError):
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_label(kind: str, gpu_name: str | None = None) -> str:
+    """"cpu:<board or CPU model>" or "cuda:<GPU name>": the device a precision choice is measured on, so
+    a card measured on a Jetson and on a PC keeps both. A GPU name that cannot be read names the host."""
+    if kind == "cuda" and gpu_name is None:
+        try:
+            gpu_name = cuda_runtime().device()[0]
+        except MnetError:
+            gpu_name = None
+    return f"cuda:{gpu_name}" if kind == "cuda" and gpu_name else f"{kind}:{_host_hardware()}"
+
+
+def backend_device(net: Backend) -> str:
+    """The `device_label` of an open backend: what really runs it (onnxruntime may fall back to CPU)."""
+    if isinstance(net, TensorRTBackend):
+        return device_label("cuda", net.info.gpu_name)
+    first = net.providers[0] if net.providers else ""
+    return device_label("cuda" if first in (_TRT_EP, _CUDA_EP) or first.startswith("cuda") else "cpu")
+
+
+def _recorded_precision(b: Bundle, backend: str, providers: Providers) -> tuple[str, str]:
+    """(backend, precision) from the card's `precision_choice` for this device, or (backend, "fp32") and a
+    warning. backend="auto" takes TensorRT's choice where it has one and its engine runs here."""
+    choices, tried = b.card.precision_choice, []
+    if backend == "tensorrt" or (backend == "auto" and tensorrt_available()):
+        try:
+            key = precision_choice_key("tensorrt", device_label("cuda", cuda_runtime().device()[0]))
+        except MnetError:
+            if backend == "tensorrt":
+                raise
+            key = None
+        if key is not None:
+            tried.append(key)
+            chosen = (choices.get(key) or {}).get("chosen")
+            if chosen and (backend == "tensorrt" or _engine_here(b, chosen)):
+                return "tensorrt", chosen
+    if backend in ("auto", "onnxruntime"):
+        want, _ = ort_providers(providers, _import_onnxruntime().get_available_providers())
+        first = want[0][0] if isinstance(want[0], tuple) else want[0]
+        key = precision_choice_key("onnxruntime", device_label("cpu" if first == _CPU_EP else "cuda"))
+        tried.append(key)
+        if key in choices:
+            return "onnxruntime", choices[key]["chosen"]
+    if backend == "torch":
+        tried.append(precision_choice_key("torch", device_label("cpu")))  # TorchBackend runs on the CPU
+    log.warning("precision auto: %s records no measured choice for %s; using fp32 (measure one with "
+                "`mnet bundle bench %s --all%s`)", b.path, " or ".join(tried), b.path,
+                "" if backend == "auto" else f" --backend {backend}")
+    return backend, "fp32"

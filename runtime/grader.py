@@ -16,7 +16,15 @@ Two things keep a 20 ms model off a 120 fps frame path:
   included, happens on that thread. A file waits when the queue is full (nothing is lost); a live
   source skips an optional view instead (the fruit gets it on a later frame), so the loop keeps up
   with the camera. A fruit's event is written once all its views are back, in exit order; flush()
-  waits for the views still in flight. A backend that fails surfaces as BackendError in the loop.
+  waits for the views still in flight.
+
+A fault costs at most what it touches. A backend call that raises, or returns NaN/Inf rows, is retried
+once; a view still without finite probabilities is dropped and the fruit is voted on its other views
+(a fruit left with none is not graded, only counted: `fruit_failed`). `max_consecutive_failures`
+calls in a row without one good row mean the backend is gone: BackendError. Whatever ends the loop
+(that error, a sink's, a second Ctrl-C), every fruit whose vote is complete is still written to the
+sinks before they close (`Grader.salvage`). Every event carries the run's `run_id` (GradeConfig's, or
+a new one per grade() call) and `event_id` = "<run_id>:<lane>:<fruit_id>", so runs never collide.
 
 Per-stage times: capture (read: decode for files, the wait for the next frame for live sources),
 localise, preprocess (crops of the planned views), track, sink, `wait` (a file's frame waiting for a
@@ -40,14 +48,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
+from mnet.runtime.gate import GateConfig, OpenSetGate
 from mnet.runtime.localize import Box, LocalizeConfig, Localizer, crop, parse_roi
 from mnet.runtime.sinks import Sinks
 from mnet.runtime.sources import CaptureFactory, Source, Status, open_source
 from mnet.runtime.tracker import FruitVote, Tracker, TrackerConfig, TrackView
 
 from mnet.errors import BackendError, ConfigError
-from mnet.events import GradeEvent
+from mnet.events import GradeEvent, check_run_id, new_run_id
 from mnet.preprocess import Preprocess
+from mnet.redact import redact
 
 __all__ = [
     "STAGES",
@@ -68,6 +78,7 @@ _BUDGET_STAGES = ("localise", "preprocess", "track")
 _WARN_EVERY_S = 5.0
 _MAX_SAMPLES = 100_000  # per stage: ~1 h at 30 fps; older samples age out of the percentiles
 _POLL_S = 0.05  # how often a wait on the worker checks that it is still alive
+_SALVAGE_WAIT_S = 2.0  # after an error, how long a live worker may take to return the views in flight
 
 
 class Backend(Protocol):
@@ -104,9 +115,15 @@ class GradeConfig:
     latency_budget_ms: float | None = None
     max_batch: int | None = None  # split a frame's crops for engines with a fixed max batch
     read_timeout_s: float = 1.0
+    open_timeout_s: float = 10.0  # a live source down at start is retried this long (sources.open_source)
     warmup: bool = True  # one inference before the loop so the first frame is not an outlier
     max_frames: int | None = None  # stop after this many processed frames (smoke tests, benches)
     queue_depth: int = 8  # backend calls (frames with views) waiting for the worker before the loop waits
+    # Backend calls in a row (each retried once) without a single finite row before grading stops: a
+    # transient fault costs views, a device that is gone ends the run instead of dropping every fruit.
+    max_consecutive_failures: int = 5
+    run_id: str | None = None  # names the run in every event (None: a new uuid4 hex per grade() call)
+    gate: GateConfig = field(default_factory=GateConfig)  # open-set gate: foreign objects → reject events
 
     def __post_init__(self) -> None:
         if self.margin < 0:
@@ -119,6 +136,12 @@ class GradeConfig:
             raise ConfigError(f"grade field 'max_frames' = {self.max_frames!r}: expected >= 1")
         if self.queue_depth < 1:
             raise ConfigError(f"grade field 'queue_depth' = {self.queue_depth!r}: expected >= 1")
+        if isinstance(self.max_consecutive_failures, bool) or not isinstance(self.max_consecutive_failures, int) \
+                or self.max_consecutive_failures < 1:
+            raise ConfigError(f"grade field 'max_consecutive_failures' = {self.max_consecutive_failures!r}: "
+                              "expected an integer >= 1")
+        if self.run_id is not None:
+            check_run_id(self.run_id, "run_id")
 
     @classmethod
     def from_options(cls, *, roi: str | Sequence[int] | None = None, trigger_x: float | None = None,
@@ -171,6 +194,7 @@ class GradeSummary:
     source: str
     model: str
     backend: str
+    run_id: str = ""  # in every event of this run
     frames_read: int = 0
     frames_processed: int = 0
     frames_dropped: int = 0
@@ -188,6 +212,10 @@ class GradeSummary:
     tracks_discarded: int = 0  # tentative tracks that never became fruit (noise)
     views: int = 0  # crops classified (backend rows), warm-up excluded
     views_skipped: int = 0  # optional views a live source skipped because the worker was busy
+    infer_errors: int = 0  # backend calls that raised, retries included (warm-up excluded, as in views)
+    nonfinite_outputs: int = 0  # backend rows with NaN/Inf, retries included
+    views_failed: int = 0  # views dropped: no finite probabilities after the retry
+    fruit_failed: int = 0  # fruit not graded because none of their views had finite probabilities
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,15 +259,19 @@ class _Job:
     x: np.ndarray
     targets: list[tuple]  # ("track", uid, partial) or ("single", box, ts)
     probs: np.ndarray | None = None
+    ok: np.ndarray | None = None  # (N,) bool: the row is finite; the others are dropped views
     ms: float = 0.0
-    error: BaseException | None = None
+    error: BaseException | None = None  # fatal: the worker stopped after this job
     done: bool = False
+    infer_errors: int = 0  # calls that raised (retries included)
+    nonfinite: int = 0  # NaN/Inf rows (retries included)
+    failure: str = ""  # why the last failed attempt failed
 
 
 class _Worker:
     """The backend on its own thread, fed by a bounded queue; results come back in submit order."""
 
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], depth: int) -> None:
+    def __init__(self, infer: Callable[[_Job], None], depth: int) -> None:
         self._infer = infer
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=depth)
         self._results: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -254,7 +286,7 @@ class _Worker:
                 return
             t0 = time.perf_counter()
             try:
-                job.probs = self._infer(job.x)
+                self._infer(job)
             except BaseException as e:  # noqa: BLE001 -- handed to the loop's thread, raised there
                 job.error = e
             job.ms = (time.perf_counter() - t0) * 1e3
@@ -281,6 +313,23 @@ class _Worker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def drain(self, deadline: float) -> list[_Job]:
+        """Jobs back by `deadline` (time.monotonic), failed ones included, never raising; the rest are
+        given up (a dead worker never returns them)."""
+        out = []
+        while self.in_flight:
+            waiting = self.alive and time.monotonic() < deadline
+            try:
+                job = self._results.get(timeout=_POLL_S) if waiting else self._results.get_nowait()
+            except queue.Empty:
+                if waiting:
+                    continue
+                break
+            self.in_flight -= 1
+            out.append(job)
+        self.in_flight = 0
+        return out
 
     def collect(self, wait: bool = False) -> list[_Job]:
         """Finished jobs in submit order; `wait`: block until at least one is back (if any is in flight)."""
@@ -311,6 +360,32 @@ class _Worker:
         self._thread.join(timeout=5.0)
 
 
+class _Tracker(Tracker):
+    """The tracker plus the two calls a failed inference needs. They belong in tracker.py (they reach
+    into its track records); they live here while that file has another owner."""
+
+    def drop_view(self, uid: int) -> None:
+        """A view taken (record_view) whose probabilities will never come: stop waiting for it. A fruit
+        still in view may be planned another one in its place."""
+        t = self._by_uid.get(uid)
+        if t is None:
+            return
+        t.views -= 1
+        if t.finished and t.fruit_id is None and t.full_n + t.edge_n >= t.views:
+            del self._by_uid[uid]  # as in add_probs: a discarded track with nothing in flight is forgotten
+
+    def settle(self, uid: int) -> FruitVote | None:
+        """vote(), or None for a done fruit none of whose views brought probabilities: it is released
+        unvoted (vote() refuses to make a grade from nothing)."""
+        t = self._by_uid.get(uid)
+        if t is not None and t.emitted and not t.voted and t.views == 0 and t.full_n + t.edge_n == 0:
+            t.voted = True
+            if t.finished:
+                del self._by_uid[uid]
+            return None
+        return self.vote(uid)
+
+
 class Grader:
     """The per-frame pipeline, without a source: process(frame, ts) → events. grade() drives it.
 
@@ -325,20 +400,29 @@ class Grader:
             raise ConfigError(f"classes = {list(classes)!r}: expected distinct class names")
         self.backend, self.preprocess, self.config = backend, preprocess, config
         self.classes = tuple(str(c) for c in classes)
-        self.model, self.source = model, source
+        self.model, self.source = model, redact(source)  # a caller's own URI may hold a password
         self.block_views = block_views
         # Injectable so another detector (or a test's recording wrapper) can stand in for the HSV one.
         self.localizer = localizer if localizer is not None else Localizer(config.localize)
         self._aspect = preprocess.input_hw[1] / preprocess.input_hw[0]  # crops match the model input
         # A view's crop must fit in the frame: the tracker tests the very rectangle the crops are cut
         # with (localize.crop_rect), so it needs the same margin and aspect.
-        self.tracker = Tracker(len(self.classes), replace(config.tracker, view_margin=config.margin,
-                                                          view_aspect=self._aspect))
+        self.tracker = _Tracker(len(self.classes), replace(config.tracker, view_margin=config.margin,
+                                                           view_aspect=self._aspect))
+        self.run_id = config.run_id or new_run_id()
+        self.gate = OpenSetGate(config.gate)  # sees each view's localiser priors; decides at the vote
         self.samples = {s: _Samples() for s in STAGES}
         self.processed = 0
         self.graded = 0
         self.views = 0
         self.views_skipped = 0
+        self.infer_errors = 0
+        self.nonfinite_outputs = 0
+        self.views_failed = 0
+        self.fruit_failed = 0
+        self._failed_calls = 0  # backend calls in a row without a finite row; the worker thread's own
+        self._last_drop_warn = -1e9
+        self._dropped_since_warn = 0
         self.grades: dict[str, int] = {c: 0 for c in self.classes}
         self.last_event: GradeEvent | None = None
         self.over_budget = 0
@@ -366,20 +450,53 @@ class Grader:
         self._worker.submit(job, block=True)
         for j in self._worker.collect(wait=True):
             self._check(j)
+        if not job.ok.all():  # retried already: a model that fails on a blank crop is not fit to grade with
+            raise BackendError(f"backend {self.backend.name!r} failed at warm-up on a blank crop: {job.failure}")
         probs = job.probs
         if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
             raise BackendError(f"backend {self.backend.name!r} returns rows summing to {probs.sum(axis=1)}, "
                                "not probabilities; the backend must apply softmax")
 
-    def _infer(self, x: np.ndarray) -> np.ndarray:
-        """Runs on the worker thread."""
-        n, step = len(x), self.config.max_batch or len(x)
-        parts = [np.asarray(self.backend.infer(x[i:i + step])) for i in range(0, n, step)]
-        probs = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if probs.shape != (n, len(self.classes)):
-            raise BackendError(f"backend {self.backend.name!r} returned shape {probs.shape} for a batch of {n}; "
-                               f"expected ({n}, {len(self.classes)}) for classes {list(self.classes)}")
-        return probs
+    def _infer(self, job: _Job) -> None:
+        """Fills job.probs and job.ok, one backend call per max_batch slice. Runs on the worker thread."""
+        n, step = len(job.x), self.config.max_batch or len(job.x)
+        job.probs = np.full((n, len(self.classes)), np.nan, np.float32)  # NaN: a dropped row is never a vote
+        job.ok = np.zeros(n, bool)
+        for i in range(0, n, step):
+            self._call(job, slice(i, min(i + step, n)))
+
+    def _call(self, job: _Job, rows: slice) -> None:
+        """One backend call, retried once if it raises or returns NaN/Inf rows; a row still not finite
+        stays dropped (job.ok False). Too many calls in a row without a finite row: BackendError."""
+        x, name = job.x[rows], self.backend.name
+        probs, ok = job.probs[rows], job.ok[rows]  # views: filled in place
+        cause: Exception | None = None
+        for _ in range(2):
+            try:
+                out = np.asarray(self.backend.infer(x))
+            except Exception as e:  # noqa: BLE001 -- whatever the backend raises costs this call's views only
+                job.infer_errors += 1
+                job.failure, cause = f"{type(e).__name__}: {e}", e
+                continue
+            if out.shape != (len(x), len(self.classes)):  # a wrong model, not a fault a retry mends
+                raise BackendError(f"backend {name!r} returned shape {out.shape} for a batch of {len(x)}; "
+                                   f"expected ({len(x)}, {len(self.classes)}) for classes {list(self.classes)}")
+            finite = np.isfinite(out).all(axis=1)
+            job.nonfinite += int((~finite).sum())
+            take = finite & ~ok  # a row good on the first try keeps its first answer
+            probs[take] = out[take]
+            ok |= finite
+            if ok.all():
+                break
+            job.failure = f"{int((~finite).sum())} of {len(x)} rows NaN/Inf"
+        if ok.any():
+            self._failed_calls = 0
+            return
+        self._failed_calls += 1
+        if self._failed_calls >= self.config.max_consecutive_failures:
+            raise BackendError(f"backend {name!r} failed on a batch of {len(x)}: {job.failure} ({self._failed_calls} "
+                               "call(s) in a row, each retried once, without a finite result); check the device "
+                               "and the model") from cause
 
     def _check(self, job: _Job) -> None:
         if job.error is not None:
@@ -388,14 +505,14 @@ class Grader:
                 raise e
             raise BackendError(f"backend {self.backend.name!r} failed on a batch of {len(job.x)}: "
                                f"{type(e).__name__}: {e}") from e
-        job.done = True
 
-    def _event(self, v: FruitVote) -> GradeEvent:
+    def _event(self, v: FruitVote, uid: int | None = None) -> GradeEvent:
         e = GradeEvent.from_probs(v.fruit_id, dict(zip(self.classes, v.probs.tolist())), frames=v.frames,
                                   views=v.voted_frames, first_ts=v.first_ts, last_ts=v.last_ts,
-                                  source=self.source, model=self.model)
+                                  source=self.source, model=self.model, run_id=self.run_id,
+                                  reason=self.gate.decide(uid, v.probs))
         self.graded += 1
-        self.grades[e.grade] += 1
+        self.grades[e.grade] = self.grades.get(e.grade, 0) + 1  # "reject" joins the classes when it happens
         self.last_event = e
         return e
 
@@ -431,16 +548,50 @@ class Grader:
     def _collect(self, wait: bool = False) -> None:
         for job in self._worker.collect(wait):
             self._check(job)
-            self.samples["infer"].add(job.ms)
-            self._check_budget({"infer": job.ms}, ("infer",))
-            for row, t in zip(job.probs, job.targets):
-                if t[0] == "track":
+            self._take(job)
+
+    def _take(self, job: _Job) -> None:
+        """A finished call's rows to their fruit; a dropped row costs its view, not the fruit."""
+        job.done = True
+        self.samples["infer"].add(job.ms)
+        self._check_budget({"infer": job.ms}, ("infer",))
+        self.infer_errors += job.infer_errors
+        self.nonfinite_outputs += job.nonfinite
+        dropped = int((~job.ok).sum())
+        if dropped:
+            self._dropped(dropped, f"{job.failure}, also on the retry")
+        for row, ok, t in zip(job.probs, job.ok, job.targets):
+            if t[0] == "track":
+                if ok:
                     self.tracker.add_probs(t[1], row, t[2])
-                    # Dropped at zero: a discarded track (--views 0) is never voted, so _ready never pops it.
-                    if self._pending[t[1]] == 1:
-                        del self._pending[t[1]]
-                    else:
-                        self._pending[t[1]] -= 1
+                else:
+                    self.tracker.drop_view(t[1])
+                self._settle_pending(t[1])
+
+    def _settle_pending(self, uid: int) -> None:
+        # Dropped at zero: a discarded track (--views 0) is never voted, so _ready never pops it.
+        if self._pending[uid] == 1:
+            del self._pending[uid]
+        else:
+            self._pending[uid] -= 1
+
+    def _dropped(self, n: int, why: str) -> None:
+        self.views_failed += n
+        self._dropped_since_warn += n
+        now = time.monotonic()
+        if now - self._last_drop_warn >= _WARN_EVERY_S:  # a flaky backend must not flood the log
+            _log.warning("backend %r: %d view(s) dropped since the last warning (last: %s); %d in this run",
+                         self.backend.name, self._dropped_since_warn, why, self.views_failed)
+            self._last_drop_warn, self._dropped_since_warn = now, 0
+
+    def _vote(self, uid: int) -> GradeEvent | None:
+        v = self.tracker.settle(uid)
+        if v is None:
+            self.fruit_failed += 1
+            _log.warning("a fruit was not graded: none of its views had finite probabilities (%d in this run)",
+                         self.fruit_failed)
+            return None
+        return self._event(v, uid)
 
     def _ready(self) -> list[GradeEvent]:
         """Events of done fruit whose views are all back, from the head of the exit-order queue."""
@@ -450,23 +601,37 @@ class Grader:
             if uid is None:
                 if not job.done:
                     break
-                _, box, ts = job.targets[0]
-                out.append(self._event(self.tracker.emit_single(box, job.probs[0], ts)))
+                self._due.popleft()
+                e = self._single(job)
             else:
                 if self._pending.get(uid, 0):
                     break
                 self._pending.pop(uid, None)
-                out.append(self._event(self.tracker.vote(uid)))
-            self._due.popleft()
+                self._due.popleft()
+                e = self._vote(uid)
+            if e is not None:
+                out.append(e)
         return out
 
-    def _done(self, done: list[tuple[int, Any]]) -> None:
+    def _single(self, job: _Job) -> GradeEvent | None:
+        """The event of a full-frame photo's one view; None when the view was dropped or never came."""
+        if not (job.done and job.ok[0]):
+            self.fruit_failed += 1
+            return None
+        _, box, ts = job.targets[0]
+        return self._event(self.tracker.emit_single(box, job.probs[0], ts))
+
+    def _queue_done(self, done: list[tuple[int, Any]]) -> None:
+        # Queued before any view is submitted: a submit that raises leaves them to salvage(), not lost.
+        self._due.extend([uid, None] for uid, _ in done)
+
+    def _classify_kept(self, done: list[tuple[int, Any]]) -> None:
         for uid, kept in done:
             if kept is not None:  # no view yet: classify the best one it showed
                 frame, box = kept
                 self._submit([self._crop(frame, box)], [("track", uid, box.touches_edge)], required=True)
                 self.tracker.record_view(uid)  # required: _submit queued it or raised
-            self._due.append([uid, None])
+                self.gate.observe(uid, box)
 
     def process(self, frame: np.ndarray, ts: float) -> tuple[list[GradeEvent], list[Box], dict[str, float]]:
         """Grade one frame: the events ready now, the boxes found, and per-stage milliseconds."""
@@ -483,6 +648,7 @@ class Grader:
         else:
             rx, _, rw, _ = self.localizer.region(frame)
             step = self.tracker.step(boxes, ts, (rx, rx + rw))
+            self._queue_done(step.done)
             t2 = clock()
             for uid, di in step.keep:
                 self.tracker.keep(uid, (frame, boxes[di]))  # a reference: the crop is cut only if needed
@@ -491,11 +657,12 @@ class Grader:
                 crops = [self._crop(frame, boxes[di]) for _, di, _ in step.classify]
                 targets = [("track", uid, boxes[di].touches_edge) for uid, di, _ in step.classify]
                 if self._submit(crops, targets, required):
-                    for uid, _, _ in step.classify:
+                    for uid, di, _ in step.classify:
                         self.tracker.record_view(uid)
+                        self.gate.observe(uid, boxes[di])
                 else:  # a live source's busy worker (a dead one raised in _submit)
                     self.views_skipped += len(targets)
-            self._done(step.done)
+            self._classify_kept(step.done)
             t3 = clock()
         self._collect()
         events = self._ready()
@@ -510,14 +677,49 @@ class Grader:
 
     def flush(self) -> list[GradeEvent]:
         """End of stream: every fruit still in view is done; waits for the views in flight."""
+        return list(self._flush())
+
+    def _flush(self) -> Iterator[GradeEvent]:
+        # A generator: each event reaches the caller before the next wait, so an error there loses none.
         if not self.config.localize.full_frame:
-            self._done(self.tracker.finish())
-        events = []
+            done = self.tracker.finish()
+            self._queue_done(done)
+            self._classify_kept(done)
         while self._due:
-            events += self._ready()
+            yield from self._ready()
             if self._due:
                 self._collect(wait=True)
-        return events
+
+    def salvage(self, wait_s: float = _SALVAGE_WAIT_S) -> list[GradeEvent]:
+        """After an error in the loop: the events of every fruit that can still be voted, in exit order.
+
+        Waits up to `wait_s` for views in flight while the worker lives (not at all once it is dead).
+        Views not back by then are dropped, and fruit left without a view are counted in fruit_failed,
+        as after a failed inference; fruit still in view are done now, as at the end of the stream, but
+        a fruit without a view is not classified (the backend may be what failed).
+        """
+        for job in self._worker.drain(time.monotonic() + wait_s):
+            if job.error is None:
+                self._take(job)
+        if not self.config.localize.full_frame:
+            self._queue_done(self.tracker.finish())
+        out = []
+        for uid, job in self._due:
+            if uid is None:
+                if not job.done:
+                    self._dropped(1, "not back when grading stopped")
+                e = self._single(job)
+            else:
+                lost = self._pending.pop(uid, 0)
+                for _ in range(lost):
+                    self.tracker.drop_view(uid)
+                if lost:
+                    self._dropped(lost, "not back when grading stopped")
+                e = self._vote(uid)
+            if e is not None:
+                out.append(e)
+        self._due.clear()
+        return out
 
     def _check_budget(self, ms: dict[str, float], stages: Sequence[str]) -> None:
         budget = self.config.latency_budget_ms
@@ -584,13 +786,20 @@ def grade(
     own_source = not isinstance(source, Source)
     src: Source | None = None
     try:
+        sinks.start([str(c) for c in classes])  # a sink that cannot take these events refuses before any frame
         src = open_source(source, input_size=config.input_size, fps_limit=config.fps_limit,
-                          timeout_s=config.read_timeout_s, capture_factory=capture_factory) if own_source else source
+                          timeout_s=config.read_timeout_s, open_timeout_s=config.open_timeout_s,
+                          capture_factory=capture_factory) if own_source else source
         with Grader(backend, preprocess, classes, config, model=model, source=src.uri, localizer=localizer,
                     block_views=not src.live) as grader:
+            _log.info("grading run %s: %s", grader.run_id, grader.source)
             if config.warmup:
                 grader.warmup()
-            summary = _run(grader, src, sinks, stop, on_frame)
+            try:
+                summary = _run(grader, src, sinks, stop, on_frame)
+            except BaseException as exc:
+                _salvage(grader, sinks, exc)  # before the sinks close: every complete vote is written
+                raise
     finally:
         try:
             if own_source and src is not None:
@@ -600,6 +809,21 @@ def grade(
     _log.info("graded %d fruit from %d frames in %.1f s (%.1f fps processed, %d dropped)", summary.fruit_graded,
               summary.frames_processed, summary.wall_s, summary.processed_fps, summary.frames_dropped)
     return summary
+
+
+def _salvage(grader: Grader, sinks: Sinks, exc: BaseException) -> None:
+    """Write what can still be graded after `exc` ended the loop; never raises: `exc` is the error to report."""
+    try:
+        # A second Ctrl-C asks to stop now: no wait for views in flight, only what is back.
+        events = grader.salvage(0.0 if isinstance(exc, KeyboardInterrupt) else _SALVAGE_WAIT_S)
+        for e in events:
+            sinks.write(e)
+    except Exception:
+        _log.exception("grading stopped (%s: %s) and the fruit already voted could not be written",
+                       type(exc).__name__, exc)
+        return
+    _log.warning("grading stopped (%s: %s): wrote the %d fruit whose votes were complete; %d fruit of this run "
+                 "not graded", type(exc).__name__, exc, len(events), grader.fruit_failed)
 
 
 def _run(grader: Grader, src: Source, sinks: Sinks, stop: threading.Event,
@@ -646,12 +870,14 @@ def _run(grader: Grader, src: Source, sinks: Sinks, stop: threading.Event,
             on_frame(cap.frame, info)
         if cfg.max_frames is not None and grader.processed >= cfg.max_frames:
             break
-    for e in grader.flush():
+    for e in grader._flush():  # each event written before the next wait: an error there loses none
         sinks.write(e)
     wall = max(clock() - start, 1e-9)
     st = src.stats
     return GradeSummary(
         source=src.uri, model=grader.model, backend=getattr(grader.backend, "name", type(grader.backend).__name__),
+        run_id=grader.run_id, infer_errors=grader.infer_errors, nonfinite_outputs=grader.nonfinite_outputs,
+        views_failed=grader.views_failed, fruit_failed=grader.fruit_failed,
         frames_read=st.read, frames_processed=grader.processed, frames_dropped=st.dropped, read_errors=st.errors,
         reconnects=st.reconnects, fruit_graded=grader.graded, grades=dict(grader.grades), wall_s=round(wall, 4),
         input_fps=round(st.read / wall, 2), processed_fps=round(grader.processed / wall, 2),

@@ -15,6 +15,15 @@ keep their meaning at any resolution. A box touching the frame (or ROI) border i
 visible fruit: it is still returned, flagged `touches_edge`, so the tracker keeps its identity but
 votes with whole views.
 
+Anything saturated passes the mask, so every whole box (not cut by the border) is also checked
+against priors of what a fruit looks like (`foreign_priors`): not elongated (a leaf), not ragged
+or fingered (solidity, off by default), not a rectangle (packaging), mostly of fruit hue and saturation,
+shaded like a lit 3-D body rather than flat (a glove, a leaf, a screen).
+A box that fails is still returned, with `foreign` naming the failed prior ("shape", "colour" or
+"flat"), so
+the tracker follows it and the grader can reject it as one event (runtime/gate.py) instead of grading
+it; the thresholds and how they were measured: bench/foreign.py, bench/results/foreign.json.
+
 `full_frame=True` skips all of that: the whole frame (or ROI) is the one fruit, for hand-held shots
 and for directories of single-fruit photos.
 """
@@ -43,6 +52,7 @@ class Box:
     h: int
     area: float = 0.0
     touches_edge: bool = False
+    foreign: str | None = None  # the fruit prior this blob fails ("shape", "colour", "flat"); None: fits or unknown
 
     @property
     def center(self) -> tuple[float, float]:
@@ -98,6 +108,22 @@ class LocalizeConfig:
     open_px: int = 1  # opening removes speckle from the belt texture (at mask scale; 1 = none)
     close_px: int = 3  # closing fills specular highlights and dark spots on the fruit
     edge_px: int = 2  # a box this close to the border counts as cut off
+    # Fruit priors, checked on whole boxes (mask scale). Measured on the synthetic belt (2-98 %, seed 101):
+    # mango elongation 1.2-1.7, min-area-rect fill 0.73-0.83, saturation >= 170; leaves are >= 2.8 long,
+    # packaging fills its rectangle (median 0.89), gloves and film come in non-fruit hues.
+    foreign_priors: bool = True
+    max_elongation: float = 2.2  # long / short side of the min-area rectangle
+    # Solidity as a prior is off (0): a grade-C fruit's rot or black spot bites into the mask (0.78
+    # measured on the synthetic belt), and grading those is the job. Set it (e.g. 0.92) to reject gloves
+    # by shape on a line without such fruit; min_solidity above still drops ragged blobs as noise.
+    min_fruit_solidity: float = 0.0
+    max_rect_fill: float = 0.87  # area / min-area-rect area: an ellipse is 0.785, a rectangle 1
+    fruit_hue: tuple[int, int] = (160, 50)  # OpenCV hue range of fruit skin (wraps through 0: red..green)
+    min_fruit_hue_frac: float = 0.6  # of the blob's pixels within fruit_hue
+    min_fruit_sat: int = 110  # mean HSV saturation of the blob
+    # A fruit is a lit 3-D body: brightness falls off towards its rim (std/mean of V inside the blob:
+    # mango >= 0.18); leaves, gloves and film lie flat (<= 0.1). 0 turns it off.
+    min_fruit_shading: float = 0.12
 
     def __post_init__(self) -> None:
         if self.roi is not None and (len(self.roi) != 4 or self.roi[2] <= 0 or self.roi[3] <= 0
@@ -113,6 +139,19 @@ class LocalizeConfig:
             raise ConfigError(f"localize field 'mask_width' = {self.mask_width!r}: expected >= 32 px")
         if not 0 <= self.min_solidity <= 1:
             raise ConfigError(f"localize field 'min_solidity' = {self.min_solidity!r}: expected 0..1")
+        for name in ("min_fruit_solidity", "max_rect_fill", "min_fruit_hue_frac", "min_fruit_shading"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"localize field '{name}' = {getattr(self, name)!r}: expected 0..1")
+        if not self.max_elongation >= 1:
+            raise ConfigError(f"localize field 'max_elongation' = {self.max_elongation!r}: expected >= 1")
+        if len(self.fruit_hue) != 2 or not all(0 <= h <= 180 for h in self.fruit_hue):
+            raise ConfigError(f"localize field 'fruit_hue' = {self.fruit_hue!r}: expected (lo, hi) in 0..180 "
+                              "(lo > hi wraps through red)")
+        if not 0 <= self.min_fruit_sat <= 255:
+            raise ConfigError(f"localize field 'min_fruit_sat' = {self.min_fruit_sat!r}: expected 0..255")
+
+
+_ERODE = np.ones((3, 3), np.uint8)
 
 
 def _kernel(px: int) -> np.ndarray | None:
@@ -140,6 +179,9 @@ class Localizer:
 
     def mask(self, frame: np.ndarray) -> np.ndarray:
         """The fruit mask of the ROI at mask scale (uint8 0/255) — what the boxes come from; for tuning."""
+        return self._mask_hsv(frame)[0]
+
+    def _mask_hsv(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c = self.config
         x, y, w, h = self.region(frame)
         roi = frame[y:y + h, x:x + w]
@@ -158,14 +200,43 @@ class Localizer:
             mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, self._open)
         if self._close is not None:
             mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, self._close)
-        return mask
+        return mask, hsv
+
+    def _prior(self, cnt: np.ndarray, area: float, hull: float, hsv: np.ndarray) -> str | None:
+        """The fruit prior a whole blob fails ("shape", then "colour", then "flat"), or None. Mask-scale inputs."""
+        c = self.config
+        _, (rw, rh), _ = cv2.minAreaRect(cnt)
+        if min(rw, rh) <= 0:
+            return "shape"
+        if (max(rw, rh) / min(rw, rh) > c.max_elongation or (hull > 0 and area / hull < c.min_fruit_solidity)
+                or area / (rw * rh) > c.max_rect_fill):
+            return "shape"
+        bx, by, bw, bh = cv2.boundingRect(cnt)
+        blob = np.zeros((bh, bw), np.uint8)
+        cv2.drawContours(blob, [cnt - np.array([bx, by], cnt.dtype)], -1, 255, -1)
+        sub = hsv[by:by + bh, bx:bx + bw]
+        n = max(1, cv2.countNonZero(blob))
+        lo, hi = c.fruit_hue
+        hue = sub[..., 0]
+        in_hue = ((hue >= lo) | (hue <= hi)) if lo > hi else ((hue >= lo) & (hue <= hi))
+        if np.count_nonzero(in_hue & (blob > 0)) / n < c.min_fruit_hue_frac:
+            return "colour"
+        if cv2.mean(sub, blob)[1] < c.min_fruit_sat:
+            return "colour"
+        if c.min_fruit_shading > 0:
+            inner = cv2.erode(blob, _ERODE)  # the anti-aliased rim mixes in the belt
+            if cv2.countNonZero(inner) >= 9:
+                mean, std = cv2.meanStdDev(np.ascontiguousarray(sub[..., 2]), mask=inner)
+                if std[0, 0] < c.min_fruit_shading * max(1.0, mean[0, 0]):
+                    return "flat"
+        return None
 
     def __call__(self, frame: np.ndarray) -> list[Box]:
         c = self.config
         rx, ry, rw, rh = self.region(frame)
         if c.full_frame:
             return [Box(rx, ry, rw, rh, float(rw * rh), False)]
-        mask = self.mask(frame)
+        mask, hsv = self._mask_hsv(frame)
         sx, sy = rw / mask.shape[1], rh / mask.shape[0]  # mask px → frame px
         region_area = float(rw * rh)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -174,7 +245,8 @@ class Localizer:
             area = cv2.contourArea(cnt) * sx * sy
             if not c.min_area * region_area <= area <= c.max_area * region_area:
                 continue
-            if c.min_solidity > 0:
+            hull = 0.0
+            if c.min_solidity > 0 or c.foreign_priors:
                 hull = cv2.contourArea(cv2.convexHull(cnt)) * sx * sy
                 # A fruit cut by the border is still convex; solidity only rejects ragged shapes.
                 if hull > 0 and area / hull < c.min_solidity:
@@ -184,7 +256,9 @@ class Localizer:
             x2, y2 = rx + min(rw, int(np.ceil((bx + bw) * sx))), ry + min(rh, int(np.ceil((by + bh) * sy)))
             e = c.edge_px
             edge = x1 - rx <= e or y1 - ry <= e or rx + rw - x2 <= e or ry + rh - y2 <= e
-            boxes.append(Box(x1, y1, x2 - x1, y2 - y1, float(area), bool(edge)))
+            # A blob cut by the border has no whole shape to judge: its prior is unknown (None).
+            foreign = self._prior(cnt, area / (sx * sy), hull / (sx * sy), hsv) if c.foreign_priors and not edge else None
+            boxes.append(Box(x1, y1, x2 - x1, y2 - y1, float(area), bool(edge), foreign))
         boxes.sort(key=lambda b: b.x)
         return boxes
 

@@ -1,6 +1,7 @@
 """Video sources opened from one URI grammar, after jetson-utils' videoSource.
 
     0, /dev/video0           V4L2 / USB camera (index)                                   live
+    /dev/v4l/by-id/usb-...   a link to a /dev/videoN (also by-path, udev names)          live
     csi://0[?fps=30&flip=2]  Jetson CSI camera through nvarguscamerasrc (GStreamer)      live
     rtsp://host/path         network stream (also rtsps://, http(s):// MJPEG cameras)    live
     gst:PIPELINE             any GStreamer pipeline ending in an appsink                 live
@@ -13,9 +14,17 @@ ERROR (one frame could not be read; `source.streaming` says whether more can com
 
 Live sources run a capture thread that keeps only the newest frame: a grader slower than the camera
 always sees the present, not a queue of stale frames, and every frame overwritten unread is counted
-as dropped. When reads fail the thread reopens the device with exponential backoff. Files and image
-directories deliver every frame in order and nothing is ever dropped (a video file is decoded a few
-frames ahead in a reader thread that waits when its small queue is full).
+as dropped. A live source that is down at start is retried with backoff for `open_timeout_s`; when
+reads fail the thread reopens the device with exponential backoff, re-resolving a /dev/v4l link each
+time (a camera that comes back as another /dev/videoN is found again). Live timestamps are Unix time
+derived from time.monotonic() and one wall-clock reading at start, so they never go backwards when
+the system clock is stepped (Jetsons set theirs after boot).
+
+Files and image directories deliver every frame in order and nothing is ever dropped (a video file is
+decoded a few frames ahead in a reader thread that waits when its small queue is full). A frame the
+decoder cannot read while the container still holds more is returned as ERROR, counted in
+`stats.errors`, and reading goes on; a file that yields fewer frames than its container declares logs
+a warning.
 
 Every cv2.VideoCapture is built by `capture_factory(target, api_preference)` (default
 `cv2.VideoCapture`), so tests can inject a capture that fails mid-stream.
@@ -41,6 +50,7 @@ import cv2
 import numpy as np
 
 from mnet.errors import ConfigError, SourceError
+from mnet.redact import redact
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -60,8 +70,8 @@ _log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
-_URI_HELP = ("expected a camera index (0), /dev/videoN, csi://N, rtsp://..., gst:PIPELINE, "
-             "a video file, a directory of images or an image file")
+_URI_HELP = ("expected a camera index (0), /dev/videoN (or a /dev/v4l/by-id link), csi://N, rtsp://..., "
+             "gst:PIPELINE, a video file, a directory of images or an image file")
 
 # A capture is anything with cv2.VideoCapture's isOpened/read/release/get/set.
 CaptureFactory = Callable[[Union[int, str], int], Any]
@@ -105,10 +115,18 @@ class SourceSpec:
     """A parsed URI: what to open and how."""
 
     kind: str  # camera | csi | network | gst | file | images
-    uri: str  # as the user gave it (goes into grade events)
+    uri: str  # as the user gave it, password redacted (goes into grade events, logs and errors)
     target: int | str  # what cv2.VideoCapture gets, or the image path for kind=images
     api: int  # cv2.CAP_* preference
     images: tuple[str, ...] = ()  # kind=images: the files, in order
+    # kind=camera given as a link (/dev/v4l/by-id/...): re-resolved at every (re)open, because the
+    # kernel may give a replugged camera another /dev/videoN; `target` is its index at parse time
+    # (-1 while the link is missing).
+    link: str | None = None
+
+    def __post_init__(self) -> None:
+        # The one place a source URI is stored: only `target` keeps the credentials.
+        object.__setattr__(self, "uri", redact(self.uri))
 
     @property
     def live(self) -> bool:
@@ -148,6 +166,12 @@ def _list_images(directory: Path) -> tuple[str, ...]:
     return tuple(str(p) for p in sorted(files, key=lambda p: _natural_key(p.name)))
 
 
+def _video_index(link: str) -> int | None:
+    """N when `link` resolves (through any chain of links) to /dev/videoN, else None."""
+    m = re.fullmatch(r"/dev/video(\d+)", os.path.realpath(link))
+    return int(m.group(1)) if m else None
+
+
 def parse_uri(uri: str | int | os.PathLike, *, input_size: Size | None = None) -> SourceSpec:
     """Parse a source URI into a SourceSpec without opening anything; SourceError if not understood."""
     if isinstance(uri, int) and not isinstance(uri, bool):
@@ -164,6 +188,13 @@ def parse_uri(uri: str | int | os.PathLike, *, input_size: Size | None = None) -
     m = re.fullmatch(r"(?:v4l2://)?/dev/video(\d+)", text)
     if m:
         return SourceSpec("camera", text, int(m.group(1)), cam_api)
+    dev = text.removeprefix("v4l2://")
+    if dev.startswith("/dev/v4l/") or (os.path.islink(dev) and _video_index(dev) is not None):
+        # A missing /dev/v4l link is a camera that is unplugged right now: opening retries it.
+        index = _video_index(dev)
+        if index is None and os.path.exists(dev):
+            raise SourceError(f"source {text!r}: {os.path.realpath(dev)} is not a /dev/videoN camera device")
+        return SourceSpec("camera", text, -1 if index is None else index, cam_api, link=dev)
     if text.startswith("csi://"):
         head, _, query = text[len("csi://"):].partition("?")
         if not head.isdigit():
@@ -189,18 +220,18 @@ def parse_uri(uri: str | int | os.PathLike, *, input_size: Size | None = None) -
 
     path_text = text.removeprefix("file://")
     if "://" in path_text:
-        raise SourceError(f"source {text!r}: unknown scheme; {_URI_HELP}")
+        raise SourceError(f"source {redact(text)!r}: unknown scheme; {_URI_HELP}")
     path = Path(path_text).expanduser()
     if path.is_dir():
         images = _list_images(path)
         if not images:
-            raise SourceError(f"source {text!r}: directory has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise SourceError(f"source {redact(text)!r}: directory has no images ({', '.join(IMAGE_EXTENSIONS)})")
         return SourceSpec("images", text, str(path), cv2.CAP_ANY, images)
     if path.is_file():
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return SourceSpec("images", text, str(path), cv2.CAP_ANY, (str(path),))
         return SourceSpec("file", text, str(path), cv2.CAP_ANY)
-    raise SourceError(f"source {text!r}: no such file, directory or device; {_URI_HELP}")
+    raise SourceError(f"source {redact(text)!r}: no such file, directory or device; {_URI_HELP}")
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -276,8 +307,16 @@ def _default_factory(target: int | str, api: int) -> Any:
 
 def _open_capture(spec: SourceSpec, factory: CaptureFactory, input_size: Size | None) -> Any:
     """Open a capture or return None (the caller decides whether that is fatal)."""
+    target = spec.target
+    if spec.link is not None:
+        target = _video_index(spec.link)
+        if target is None:
+            _log.debug("%s: the link leads to no /dev/videoN (camera unplugged?)", spec.uri)
+            return None
+        if target != spec.target:
+            _log.info("%s: the link now leads to /dev/video%d", spec.uri, target)
     try:
-        cap = factory(spec.target, spec.api)
+        cap = factory(target, spec.api)
     except cv2.error as e:
         _log.debug("opening %s raised %s", spec.uri, e)
         return None
@@ -294,12 +333,26 @@ def _open_capture(spec: SourceSpec, factory: CaptureFactory, input_size: Size | 
     return cap
 
 
+def _get_count(cap: Any, prop: int) -> int:
+    """An integer capture property (frame count, position); 0 when the backend does not know it."""
+    try:
+        value = float(cap.get(prop))
+    except (cv2.error, TypeError, ValueError):
+        return 0
+    return int(value) if 0 < value < 2**53 else 0  # NaN, inf and -1 ("unknown") all become 0
+
+
 def _nominal_fps(cap: Any) -> float | None:
     try:
         fps = float(cap.get(cv2.CAP_PROP_FPS))
     except (cv2.error, TypeError, ValueError):
         return None
     return fps if 0 < fps < 1000 else None
+
+
+# Failed reads in a row after which a video file is taken as over even if its container claims more
+# frames: a bogus frame count must not keep the reader spinning (1000 frames is ~40 s of video).
+_MAX_BAD_RUN = 1000
 
 
 class _FileSource(Source):
@@ -339,9 +392,9 @@ class _FileSource(Source):
         if item is self._END:
             self._eos = True
             return Capture(Status.EOS)
-        frame, ts, index = item
-        self.stats.delivered += 1
-        return Capture(Status.OK, frame, ts, index)
+        if item.ok:
+            self.stats.delivered += 1
+        return item
 
     def _put(self, item: Any) -> bool:
         while not self._closed.is_set():
@@ -353,23 +406,46 @@ class _FileSource(Source):
         return False
 
     def _run(self) -> None:
-        index = 0
+        total = _get_count(self._cap, cv2.CAP_PROP_FRAME_COUNT)  # 0: the container does not say
+        index = 0  # container frames read or lost so far, i.e. the next frame's index
+        bad_run = 0  # failed reads in a row
+        ts = 0.0
         try:
             while not self._closed.is_set():
                 try:
                     ok, frame = self._cap.read()
                 except cv2.error as e:
-                    _log.warning("%s: decoding failed at frame %d: %s", self.uri, index, e)
+                    _log.debug("%s: decoding raised at frame %d: %s", self.uri, index, e)
                     ok, frame = False, None
-                if not ok or frame is None:
-                    break  # decoders report a broken tail and a clean end alike: the file is done
-                ts = index / self.fps if self.fps else self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-                self.stats.read += 1
-                if not self._put((self._fit(frame), float(ts), index)):
+                if ok and frame is not None:
+                    ts = index / self.fps if self.fps else self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+                    self.stats.read += 1
+                    if bad_run:
+                        _log.warning("%s: %d unreadable frame(s) before frame %d skipped", self.uri, bad_run, index)
+                    bad_run = 0
+                    if not self._put(Capture(Status.OK, self._fit(frame), float(ts), index)):
+                        break
+                    index += 1
+                    continue
+                # A corrupt frame fails exactly like the end of the file, so the container decides: go on
+                # while it holds more frames. FFmpeg does not advance POS_FRAMES on a failed read (each
+                # failed read still consumes a packet), hence `index` too; both bound the retries.
+                pos = _get_count(self._cap, cv2.CAP_PROP_POS_FRAMES)
+                if total == 0 or max(index, pos) >= total or bad_run >= _MAX_BAD_RUN:
+                    break
+                bad_run += 1
+                self.stats.errors += 1
+                if self.fps:
+                    ts = index / self.fps
+                if not self._put(Capture(Status.ERROR, None, float(ts), index)):
                     break
                 index += 1
         finally:
             self._cap.release()
+            if total and self.stats.read < total and not self._closed.is_set():
+                _log.warning("%s: read %d of the %d frames the container declares (%d unreadable); "
+                             "the file may be corrupt or truncated", self.uri, self.stats.read, total,
+                             total - self.stats.read)
             self._put(self._END)
 
     def close(self) -> None:
@@ -418,17 +494,21 @@ class _LiveSource(Source):
     """Camera / CSI / network / GStreamer: a capture thread that keeps only the newest frame."""
 
     def __init__(self, spec: SourceSpec, factory: CaptureFactory, *, reconnect: bool,
-                 backoff_s: tuple[float, float], max_reconnects: int | None, **kw: Any) -> None:
+                 backoff_s: tuple[float, float], max_reconnects: int | None, open_timeout_s: float,
+                 **kw: Any) -> None:
         super().__init__(spec, **kw)
         if backoff_s[0] <= 0 or backoff_s[1] < backoff_s[0]:
             raise ConfigError(f"backoff_s = {backoff_s!r}: expected (first, max) with 0 < first <= max")
+        if not open_timeout_s >= 0:
+            raise ConfigError(f"open_timeout_s = {open_timeout_s!r}: expected >= 0 seconds (0 = one attempt)")
         self._factory = factory
         self._reconnect = reconnect
         self._backoff = (float(backoff_s[0]), float(backoff_s[1]))
         self._max_reconnects = max_reconnects
-        cap = _open_capture(spec, factory, self.input_size)
-        if cap is None:
-            raise SourceError(_live_open_hint(spec))
+        cap = self._open_with_retry(float(open_timeout_s))
+        # Stamps are Unix time from one wall-clock reading plus the monotonic clock: a clock stepped
+        # later (NTP or RTC sync after boot) never makes a fruit's last_ts precede its first_ts.
+        self._wall_offset = time.time() - time.monotonic()
         self.fps = _nominal_fps(cap)
         self._cap = cap
         self._cond = threading.Condition()
@@ -470,6 +550,26 @@ class _LiveSource(Source):
         if self._thread.is_alive():
             _log.warning("%s: capture thread still blocked in read(); it exits when the read returns", self.uri)
 
+    def _open_with_retry(self, timeout_s: float) -> Any:
+        # A camera still enumerating or a stream not up yet at start is retried like a reconnect.
+        deadline = time.monotonic() + timeout_s
+        delay, attempts = self._backoff[0], 0
+        while True:
+            cap = _open_capture(self.spec, self._factory, self.input_size)
+            attempts += 1
+            if cap is not None:
+                if attempts > 1:
+                    _log.info("%s: opened (attempt %d)", self.uri, attempts)
+                return cap
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" (gave up after {attempts} attempts in {timeout_s:g} s)" if attempts > 1 else ""
+                raise SourceError(_live_open_hint(self.spec) + waited)
+            if attempts == 1:
+                _log.warning("%s: cannot open; retrying for up to %g s", self.uri, timeout_s)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, self._backoff[1])
+
     # -- capture thread
     def _run(self) -> None:
         delay, attempts = self._backoff[0], 0
@@ -505,7 +605,7 @@ class _LiveSource(Source):
                 with self._cond:
                     if self._seq > self._taken:
                         self.stats.dropped += 1  # the previous frame was never read: overwritten
-                    self._latest = (frame, time.time(), self._seq)
+                    self._latest = (frame, self._wall_offset + time.monotonic(), self._seq)
                     self._seq += 1
                     self.stats.read += 1
                     self._cond.notify_all()
@@ -519,7 +619,8 @@ class _LiveSource(Source):
 
 def _live_open_hint(spec: SourceSpec) -> str:
     if spec.kind == "camera":
-        return (f"source {spec.uri!r}: cannot open camera {spec.target}; check it is plugged in "
+        device = spec.link or spec.target
+        return (f"source {spec.uri!r}: cannot open camera {device}; check it is plugged in "
                 f"(ls /dev/video*), not used by another process, and that you may access it (group 'video')")
     if spec.kind == "csi":
         return (f"source {spec.uri!r}: cannot open the CSI camera; check the ribbon cable and that "
@@ -538,6 +639,7 @@ def open_source(
     reconnect: bool = True,
     backoff_s: Sequence[float] = (0.25, 8.0),
     max_reconnects: int | None = None,
+    open_timeout_s: float = 10.0,
     capture_factory: CaptureFactory | None = None,
     prefetch: int = 4,
 ) -> Source:
@@ -548,6 +650,8 @@ def open_source(
     timeout_s: how long a live read() waits for a new frame before returning TIMEOUT.
     reconnect / backoff_s / max_reconnects: live sources reopen a failed device, waiting
         backoff_s[0], doubling up to backoff_s[1]; max_reconnects=None retries for ever.
+    open_timeout_s: a live source that cannot be opened is retried (same backoff) for this long
+        before SourceError; 0 = a single attempt.
     capture_factory: builds the cv2.VideoCapture (tests inject doubles).
     prefetch: video files decode this many frames ahead in a reader thread (never dropping any).
     """
@@ -565,4 +669,4 @@ def open_source(
     if spec.kind == "file":
         return _FileSource(spec, capture_factory, prefetch=prefetch, **kw)
     return _LiveSource(spec, capture_factory, reconnect=reconnect, backoff_s=tuple(backoff_s),
-                       max_reconnects=max_reconnects, **kw)
+                       max_reconnects=max_reconnects, open_timeout_s=open_timeout_s, **kw)

@@ -267,14 +267,21 @@ class Evaluator:
         return self.val_data.sample_batch(self.batch_size, self.generator)
 
     @torch.no_grad()
-    def logits(self, arch: Arch, x: torch.Tensor) -> torch.Tensor:
+    def _recalibrated(self, arch: Arch) -> MNet:
+        # A standalone copy: the recalibrated statistics must not leak into the shared weights.
+        model = self.supernet.child(arch)
+        with autocast(self._calib[0].device, self.amp):
+            recalibrate_bn(model, model, self._calib)
+        return model.eval()
+
+    @torch.no_grad()
+    def logits(self, arch: Arch, x: torch.Tensor, model: MNet | None = None) -> torch.Tensor:
+        """`model`: `arch`'s recalibrated copy when the caller has one (recalibrate mode, several batches)."""
         device = x.device
         if self.bn == "recalibrate":
-            # A standalone copy: the recalibrated statistics must not leak into the shared weights.
-            model = self.supernet.child(arch)
+            model = model or self._recalibrated(arch)
             with autocast(device, self.amp):
-                recalibrate_bn(model, model, self._calib)
-                return model.eval()(x).float()
+                return model(x).float()
         self.supernet.eval()
         stats = batch_stats(self.supernet.path_modules(arch)) if self.bn == "batch" else contextlib.nullcontext()
         with stats, autocast(device, self.amp):
@@ -286,8 +293,9 @@ class Evaluator:
     def split_score(self, arch: Arch) -> Score:
         """`arch` scored on every reward image (in minibatches of `batch_size`, the BN mode as for one)."""
         correct = 0
+        model = self._recalibrated(arch) if self.bn == "recalibrate" else None  # once, not once per batch
         for x, y in self.val_data.batches(self.batch_size):
-            correct += int((self.logits(arch, x).argmax(1) == y).sum())
+            correct += int((self.logits(arch, x, model).argmax(1) == y).sum())
         acc = correct / len(self.val_data)
         reward, extras = self.reward(arch, acc)
         return Score(float(reward), acc, dict(extras))

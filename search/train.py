@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -150,8 +150,10 @@ def train(data_root: str | os.PathLike, arch: Arch, out: str | os.PathLike, cfg:
     splits = splits or load_splits(data_root, preprocess)
     classes = splits["train"].classes
     if len(classes) != arch.num_classes:
-        raise ConfigError(f"arch has num_classes={arch.num_classes} but the dataset has {len(classes)} classes "
-                          f"({', '.join(classes)}); edit arch.json or the dataset's classes.txt")
+        # An arch is the body; the head is sized by the data (`mnet arch sample` defaults to 3 classes).
+        log.info("arch has a %d-class head; DATA has %d classes (%s): the head is set to %d",
+                 arch.num_classes, len(classes), ", ".join(classes), len(classes))
+        arch = replace(arch, num_classes=len(classes))
     torch.manual_seed(cfg.seed)
     model = MNet(arch, dropout=cfg.dropout)
     meta = {"kind": "mnet", "arch": arch.to_json(), "dataset": str(Path(data_root).resolve()),

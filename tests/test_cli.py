@@ -56,6 +56,19 @@ def test_arch_sample_show_train_evaluate(colour_data, tmp_path, capsys):
     assert (tmp_path / "r" / "confusion.png").stat().st_size > 0
 
 
+def test_train_sets_a_sampled_archs_head_from_the_data(colour_data, tmp_path, capsys, caplog):
+    """An arch is the body: a 10-class sample trains on a 3-class set with a 3-class head, and says so."""
+    assert main(["arch", "sample", "--preset", "tiny", "--num-classes", "10", "--out", str(tmp_path / "a.json")]) == 0
+    with caplog.at_level("INFO", logger="mnet.search.train"):
+        assert main(["train", str(colour_data), "--arch", str(tmp_path / "a.json"), "--out", str(tmp_path / "r"),
+                     "--epochs", "1", "--batch-size", "32", "--no-fast-depthwise"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "10-class head; training with 3 (the classes of" in out
+    assert any("the head is set to 3" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["arch"]["num_classes"] == 3
+    assert main(["evaluate", str(tmp_path / "r" / "best.pt"), str(colour_data), "--split", "test"]) == 0
+
+
 def test_data_check_exit_codes(colour_data, tmp_path, capsys):
     assert main(["data", "check", str(colour_data)]) == 0
     import shutil

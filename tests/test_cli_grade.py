@@ -1,9 +1,15 @@
 """`mnet grade` end to end through the CLI, in a process where torch cannot be imported (a Jetson)."""
 
+import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from mnet.cli import main
 from mnet.conveyor import make_conveyor_video
@@ -49,3 +55,100 @@ def test_grade_views_help_states_the_trackers_default():
 
     opt = typing.get_type_hints(grade_cmd.grade, include_extras=True)["views"].__metadata__[0]
     assert f"(default {TrackerConfig().max_views})" in opt.help
+
+
+# ------------------------------------------------ sinks through the CLI, in process, with a stand-in bundle
+
+
+@pytest.fixture
+def fake_grade(tmp_path, monkeypatch):
+    """`mnet grade` on three still images (--full-frame) with a constant backend: no training, no ONNX."""
+    import cv2
+    import numpy as np
+
+    import mnet.bundle
+    import mnet.runtime.backends
+    from mnet.preprocess import Preprocess
+
+    class Constant:
+        name = "constant"
+
+        def infer(self, x):
+            return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
+
+        def describe(self):
+            return "constant"
+
+        def close(self):
+            pass
+
+    card = SimpleNamespace(preprocess=Preprocess((24, 32)), classes=("A", "B", "C"), display_name="fake")
+    monkeypatch.setattr(mnet.bundle, "load_bundle", lambda path: SimpleNamespace(card=card, path=Path(path)))
+    monkeypatch.setattr(mnet.runtime.backends, "open_backend", lambda *a, **k: Constant())
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(shots / f"{i}.jpg"), np.full((48, 64, 3), 200, np.uint8))
+
+    def run(*args: str) -> int:
+        return main(["grade", str(tmp_path / "bundle"), "--source", str(shots), "--full-frame", *args])
+
+    return run
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_grade_cli_one_full_sink_keeps_the_others_and_exits_2_with_one_line(fake_grade, tmp_path, capsys):
+    x = tmp_path / "x.csv"
+    rc = fake_grade("--events", "/dev/full", "--csv", str(x), "--summary", str(tmp_path / "s.json"))
+    out, stderr = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "/dev/full" in errors[0] and "No space left on device" in errors[0]
+    assert "3 event(s) missed" in errors[0]
+    assert [r["grade"] for r in csv.DictReader(x.open())] == ["B", "B", "B"]  # the CSV got every fruit
+    assert "FAILED" in out and "3 event(s) missed" in out  # the summary table names the sink
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["fruit_graded"] == 3
+    assert {r["sink"]: (r["written"], r["missed"]) for r in summary["sinks"]} == {"jsonl /dev/full": (0, 3),
+                                                                                  f"csv {x}": (3, 0)}
+
+
+def test_grade_cli_refuses_a_csv_with_other_columns_before_writing_any_event(fake_grade, tmp_path, capsys):
+    other = tmp_path / "old.csv"
+    other.write_text("fruit_id,grade,p_ok,p_bad\n1,ok,0.9,0.1\n")
+    rc = fake_grade("--events", str(tmp_path / "e.jsonl"), "--csv", str(other))
+    stderr = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in stderr and "has columns" in stderr
+    assert not (tmp_path / "e.jsonl").exists() or (tmp_path / "e.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("fsync, per_event", [(None, False), ("exit", False), ("every", True)])
+def test_grade_cli_fsync_option_reaches_the_jsonl(fake_grade, tmp_path, monkeypatch, fsync, per_event):
+    import mnet.runtime.sinks
+
+    made = []
+    real = mnet.runtime.sinks.JsonlSink
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(mnet.runtime.sinks, "JsonlSink", Spy)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    rc = fake_grade("--events", str(tmp_path / "e.jsonl"), *(["--fsync", fsync] if fsync else []))
+    assert rc == 0 and len(made) == 1 and made[0].fsync_each is per_event
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 3
+    assert len(synced) == (3 + 1 if per_event else 1)  # per event (and at close), or only at close
+
+
+def test_grade_cli_fsync_help_names_both_choices():
+    import typing
+
+    from mnet.cli import grade as grade_cmd
+
+    opt = typing.get_type_hints(grade_cmd.grade, include_extras=True)["fsync"].__metadata__[0]
+    assert "'every'" in opt.help and "'exit'" in opt.help
+    assert main(["grade", "b", "--source", "0", "--fsync", "sometimes"]) == 2  # not a choice: a usage error

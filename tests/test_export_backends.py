@@ -123,3 +123,25 @@ def test_tensorrt_missing_gives_one_line_hint(monkeypatch):
         be_mod.import_tensorrt()
     assert "\n" not in str(e.value) and "JetPack" in str(e.value) and "pip install tensorrt" in str(e.value)
     assert be_mod.tensorrt_available() is False
+
+
+def test_exact_batch_pads_every_chunk_and_returns_only_real_rows():
+    """The contract fixed-batch ONNX models and static-profile TensorRT engines (fixed-batch bundle, DLA) rely
+    on: `_run` only ever sees `exact_batch` rows, padded with the last real one, and the padding is dropped."""
+
+    class Fixed(be_mod.Backend):
+        name, num_classes, exact_batch = "fixed", 2, 4
+
+        def __init__(self):
+            self.seen = []
+
+        def _run(self, x):
+            self.seen.append(len(x))
+            return np.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+
+    x = np.arange(6, dtype=np.float32)[:, None, None, None] * np.ones((6, 3, 2, 2), np.float32)
+    b = Fixed()
+    p = b.infer(x)
+    assert b.seen == [4, 4] and p.shape == (6, 2)
+    np.testing.assert_allclose(p, softmax(np.stack([np.arange(6), -np.arange(6)], 1)), atol=1e-6)
+    assert b.infer(x[:1]).shape == (1, 2) and b.seen[-1] == 4

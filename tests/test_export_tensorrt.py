@@ -2,7 +2,11 @@
 
 The double follows the documented Python API of each line: 8.4 (binding API only), 8.6 (tensor-name
 API, EXPLICIT_BATCH), 10.x (STRONGLY_TYPED, FP16/INT8 flags still there, EXPLICIT_BATCH ignored) and
-11.x (no FP16/INT8 flags). Its "device memory" is host memory at real addresses and its engine
+11.x (no FP16/INT8 flags), and the rules the real library enforces on shapes: a static network input
+takes only a profile equal to it; DLA takes only a static profile (min = opt = max: without GPU fallback
+the build fails, with it every layer runs on the GPU); `set_input_shape` / `set_binding_shape` return
+False for a shape outside the profile and the context keeps its previous shape; running without a valid
+shape returns False. Its "device memory" is host memory at real addresses and its engine
 computes logits = mean over pixels @ W, so a whole TensorRTBackend run is checked number by number.
 A real build and run is the `gpu`-marked test at the end (skipped without CUDA + tensorrt).
 """
@@ -24,7 +28,7 @@ import pytest
 
 from mnet.bundle import engine_filename, load_bundle
 from mnet.errors import BackendError, ConfigError, ExportError
-from mnet.export.tensorrt import build_engine, trtexec_command
+from mnet.export.tensorrt import _make_logger, build_engine, trtexec_command
 from mnet.io import sha256_file
 from mnet.runtime.backends import TensorRTBackend, open_backend, softmax
 from test_export_support import BLOCK_HEAVY, copy_bundle, exported_bundle, qdq_conv_model
@@ -127,7 +131,7 @@ class _Parser:
         return self.errors[i]
 
 
-def make_trt(version: str, *, fail_build: bool = False):
+def make_trt(version: str, *, fail_build: bool = False, dla_cores: int = 0):
     """A fake `tensorrt` module with the API surface of `version` (8.4 / 8.6 / 10.x / 11.x)."""
     major, minor = (int(v) for v in version.split(".")[:2])
     trt = types.ModuleType("tensorrt")
@@ -160,7 +164,7 @@ def make_trt(version: str, *, fail_build: bool = False):
     trt.nptype = lambda dt: {"FLOAT": np.float32, "HALF": np.float16}[dt]
 
     class Builder:
-        num_DLA_cores = 0
+        num_DLA_cores = dla_cores
 
         def __init__(self, logger):
             self.logger = logger
@@ -181,10 +185,28 @@ def make_trt(version: str, *, fail_build: bool = False):
                 return None
             g = network.onnx.graph
             (inp,), (out,) = [i for i in g.input if i.name not in {t.name for t in g.initializer}], g.output
-            dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+            dims = [d.dim_value or -1 for d in inp.type.tensor_type.shape.dim]  # -1: a named (dynamic) dim
             classes = out.type.tensor_type.shape.dim[1].dim_value
-            hi = config.profiles[0].shapes[inp.name][2]
-            plan = {"input": inp.name, "output": out.name, "hw": dims[2:], "classes": classes, "max": hi[0],
+            lo, opt, hi = config.profiles[0].shapes[inp.name]
+            for i, d in enumerate(dims):  # a static dimension takes only a profile equal to it
+                if d >= 0 and not lo[i] == opt[i] == hi[i] == d:
+                    self.logger.log(_Severity.ERROR, f"{inp.name}: for dimension number {i} in profile 0 does not "
+                                    f"match network definition (got min={lo[i]}, opt={opt[i]}, max={hi[i]}), "
+                                    f"expected min=opt=max={d}")
+                    return None
+            device = "GPU"
+            if config.default_device_type == trt.DeviceType.DLA:
+                # DLA has no dynamic dimensions: profile min = opt = max (DLA Supported Layers and Restrictions)
+                device = "DLA" if lo == opt == hi else None
+                if device is None and trt.BuilderFlag.GPU_FALLBACK not in config.flags:
+                    self.logger.log(_Severity.ERROR, f"{inp.name}: DLA does not support dynamic dimensions "
+                                    f"(profile min {lo}, opt {opt}, max {hi})")
+                    return None
+                if device is None:  # NVIDIA/TensorRT#2319: nothing runs on DLA
+                    self.logger.log(_Severity.WARNING, "dynamic shapes: every layer falls back to the GPU")
+                    device = "GPU"
+            plan = {"input": inp.name, "output": out.name, "dims": dims, "hw": dims[2:], "classes": classes,
+                    "profile": [lo, opt, hi], "device": device,
                     "w": np.random.default_rng(classes).normal(size=(3, classes)).round(3).tolist()}
             return memoryview(b"FAKEPLAN" + json.dumps(plan).encode())
 
@@ -194,6 +216,17 @@ def make_trt(version: str, *, fail_build: bool = False):
     class Context:
         def __init__(self, engine):
             self.engine, self.addresses, self.shapes, self.calls = engine, {}, [], []
+            self.refused, self.shape = [], None  # shapes refused; the last one accepted (what runs)
+
+        def _set_shape(self, shape):
+            lo, _, hi = self.engine.plan["profile"]
+            shape = tuple(shape)
+            if len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+                self.refused.append(shape)  # the real one logs "Error Code 3: API Usage Error" and keeps the old shape
+                return False
+            self.shapes.append(shape)
+            self.shape = shape
+            return True
 
         def _compute(self, shape, x_ptr, y_ptr):
             n, hw, c = shape[0], self.engine.plan["hw"], self.engine.plan["classes"]
@@ -204,8 +237,8 @@ def make_trt(version: str, *, fail_build: bool = False):
 
         # tensor-name API (8.5+)
         def set_input_shape(self, name, shape):
-            self.shapes.append(tuple(shape))
-            return True
+            assert name == self.engine.plan["input"]
+            return self._set_shape(shape)
 
         def set_tensor_address(self, name, ptr):
             self.addresses[name] = ptr
@@ -214,16 +247,20 @@ def make_trt(version: str, *, fail_build: bool = False):
         def execute_async_v3(self, stream_handle):
             self.calls.append(stream_handle)
             p = self.engine.plan
-            return self._compute(self.shapes[-1], self.addresses[p["input"]], self.addresses[p["output"]])
+            if self.shape is None:  # "not all input dimensions are specified"
+                return False
+            return self._compute(self.shape, self.addresses[p["input"]], self.addresses[p["output"]])
 
         # binding API (<= 8.4)
         def set_binding_shape(self, index, shape):
-            self.shapes.append(tuple(shape))
-            return True
+            assert index == 0
+            return self._set_shape(shape)
 
         def execute_async_v2(self, bindings, stream_handle):
             self.calls.append(stream_handle)
-            return self._compute(self.shapes[-1], bindings[0], bindings[1])
+            if self.shape is None:
+                return False
+            return self._compute(self.shape, bindings[0], bindings[1])
 
     class Engine:
         def __init__(self, plan):
@@ -232,7 +269,11 @@ def make_trt(version: str, *, fail_build: bool = False):
 
         def _meta(self, i):
             p = self.plan
-            return [(p["input"], "INPUT", (-1, 3, *p["hw"])), (p["output"], "OUTPUT", (-1, p["classes"]))][i]
+            return [(p["input"], "INPUT", tuple(p["dims"])), (p["output"], "OUTPUT", (p["dims"][0], p["classes"]))][i]
+
+        def _profile(self, name):
+            assert name == self.plan["input"]  # the real one has profiles for inputs only
+            return [tuple(s) for s in self.plan["profile"]]
 
         def create_execution_context(self):
             self.contexts.append(Context(self))
@@ -244,12 +285,14 @@ def make_trt(version: str, *, fail_build: bool = False):
         Engine.get_tensor_mode = lambda self, n: {m[0]: m[1] for m in map(self._meta, (0, 1))}[n]
         Engine.get_tensor_dtype = lambda self, n: "FLOAT"
         Engine.get_tensor_shape = lambda self, n: {m[0]: m[2] for m in map(self._meta, (0, 1))}[n]
+        Engine.get_tensor_profile_shape = lambda self, n, profile: self._profile(n)
     else:
         Engine.num_bindings = 2
         Engine.get_binding_name = lambda self, i: self._meta(i)[0]
         Engine.binding_is_input = lambda self, i: i == 0
         Engine.get_binding_dtype = lambda self, i: "FLOAT"
         Engine.get_binding_shape = lambda self, i: self._meta(i)[2]
+        Engine.get_profile_shape = lambda self, profile, i: self._profile(self._meta(i)[0])
 
     class Runtime:
         def __init__(self, logger):
@@ -270,7 +313,7 @@ def make_trt(version: str, *, fail_build: bool = False):
 def make_cudart(gpu=_GPU, cc=_CC, fail_malloc=False):
     """A fake cuda-python runtime module: 'device' memory is host memory, copies are memmove."""
     rt = types.ModuleType("cuda.bindings.runtime")
-    rt.cudaError_t = _Flags(cudaSuccess=0, cudaErrorMemoryAllocation=2)
+    rt.cudaError_t = _Flags(cudaSuccess=0, cudaErrorInvalidValue=1, cudaErrorMemoryAllocation=2)
     rt.cudaMemcpyKind = _Flags(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
     rt.buffers, rt.freed, rt.copies = {}, [], []
 
@@ -285,6 +328,9 @@ def make_cudart(gpu=_GPU, cc=_CC, fail_malloc=False):
         return (0, buf.ctypes.data)
 
     def memcpy(dst, src, count, kind, stream):
+        dev = dst if kind == rt.cudaMemcpyKind.cudaMemcpyHostToDevice else src
+        if count > rt.buffers[dev].nbytes:  # past the allocation: refused here rather than corrupting the heap
+            return (rt.cudaError_t.cudaErrorInvalidValue,)
         rt.copies.append(kind)
         ctypes.memmove(dst, src, count)
         return (0,)
@@ -305,8 +351,8 @@ def make_cudart(gpu=_GPU, cc=_CC, fail_malloc=False):
 def fake(monkeypatch):
     """Install fakes: fake(version, **kw) -> (trt, cudart)."""
 
-    def install(version="10.3.0", gpu=_GPU, cc=_CC, fail_build=False, fail_malloc=False):
-        trt = make_trt(version, fail_build=fail_build)
+    def install(version="10.3.0", gpu=_GPU, cc=_CC, fail_build=False, fail_malloc=False, dla_cores=0):
+        trt = make_trt(version, fail_build=fail_build, dla_cores=dla_cores)
         rt = make_cudart(gpu, cc, fail_malloc)
         cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
         cuda.bindings, bindings.runtime = bindings, rt
@@ -489,6 +535,120 @@ def test_backend_runs_engine_in_profile_sized_chunks(fake, bundle, version):
     assert len(rt.freed) == 2  # input and output buffers released on close
 
 
+@pytest.fixture
+def fixed_bundle(colour_data, tmp_path_factory, tmp_path):
+    """A bundle exported with a fixed batch of 2 (a static input in model.onnx and in the engine)."""
+    from mnet.export.onnx import export_onnx
+    from test_export_support import trained_checkpoint
+
+    return export_onnx(trained_checkpoint(colour_data, tmp_path_factory), tmp_path / "fixed", batch=2,
+                       parity_images=4).path
+
+
+def _warmup(bundle_dir, backend):
+    """What `mnet grade` does first: one blank crop through the grader's worker."""
+    from mnet.runtime.grader import Grader
+
+    card = load_bundle(bundle_dir).card
+    with Grader(backend, card.preprocess, card.classes) as g:
+        g.warmup()
+
+
+@pytest.mark.parametrize("version", ["8.4.3", "10.3.0"])
+def test_fixed_batch_engine_pads_every_batch_to_its_size(fake, fixed_bundle, version):
+    """The engine of a fixed-batch bundle takes that batch only: one crop (the grader's warm-up) and
+    three crops are padded to 2, and only the real rows come back."""
+    trt, _ = fake(version)
+    build = build_engine(fixed_bundle, "fp32", max_batch=2)
+    assert (build.info.min_batch, build.info.opt_batch, build.info.max_batch) == (2, 2, 2)
+    x = np.random.default_rng(3).normal(size=(3, 3, 24, 32)).astype(np.float32)
+    with open_backend(fixed_bundle, "tensorrt", "fp32") as be:
+        assert (be.exact_batch, be.max_batch) == (2, 2)
+        _warmup(fixed_bundle, be)
+        probs = be.infer(x)
+        ctx = trt.engines[-1].contexts[-1]
+        assert ctx.refused == [] and ctx.shapes == [(2, 3, 24, 32)] * 3
+    np.testing.assert_allclose(probs, _expected(fixed_bundle, trt, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["8.4.3", "10.3.0"])
+def test_shape_outside_the_profile_is_a_clear_error(fake, bundle, version):
+    """set_input_shape / set_binding_shape answer False (no exception) for a shape outside the profile:
+    one line naming the shape and the profile, before anything is copied or run."""
+    trt, rt = fake(version)
+    build_engine(bundle, "fp32", max_batch=4)
+    with open_backend(bundle, "tensorrt", "fp32") as be:
+        assert (be.exact_batch, be.max_batch) == (None, 4)
+        be.infer(np.zeros((3, 3, 24, 32), np.float32))
+        copies = len(rt.copies)
+        with pytest.raises(BackendError) as e:
+            be._run(np.zeros((5, 3, 24, 32), np.float32))  # past the buffers too: must stop before the copy
+        ctx = trt.engines[-1].contexts[-1]
+        assert ctx.refused == [(5, 3, 24, 32)] and len(ctx.calls) == 1 and len(rt.copies) == copies
+    msg = str(e.value)
+    assert "\n" not in msg and "refused input shape (5, 3, 24, 32) for 'input'" in msg
+    assert "profile takes (1, 3, 24, 32) to (4, 3, 24, 32)" in msg and "mnet export tensorrt" in msg
+
+
+def test_dla_build_has_a_static_profile_and_the_runtime_pads_to_it(fake, bundle):
+    """DLA has no dynamic dimensions (min = opt = max): the engine is built for exactly --max-batch, the
+    sidecar says so, and the backend pads every batch to it."""
+    trt, _ = fake("8.6.1", dla_cores=2)
+    build = build_engine(bundle, "fp16", max_batch=4, dla=1)
+    _, _, config = trt.built[-1]
+    assert config.default_device_type == "DLA" and config.DLA_core == 1 and "GPU_FALLBACK" in config.flags
+    assert config.profiles[0].shapes == {"input": ((4, 3, 24, 32),) * 3}
+    assert trt.engines == [] and json.loads(build.sidecar.read_text())["dla_core"] == 1
+    assert (build.info.min_batch, build.info.opt_batch, build.info.max_batch) == (4, 4, 4)
+    x = np.random.default_rng(4).normal(size=(5, 3, 24, 32)).astype(np.float32)
+    with open_backend(bundle, "tensorrt", "fp16") as be:
+        assert trt.engines[-1].plan["device"] == "DLA"  # a dynamic profile would have put it all on the GPU
+        assert (be.exact_batch, be.max_batch) == (4, 4)
+        _warmup(bundle, be)
+        probs = be.infer(x)
+        assert trt.engines[-1].contexts[-1].shapes == [(4, 3, 24, 32)] * 3
+    np.testing.assert_allclose(probs, _expected(bundle, trt, x), atol=1e-5)
+
+
+def test_the_double_enforces_tensorrts_shape_rules(fake, bundle):
+    """So that the tests above fail where the real library would: a DLA config with min != max fails the
+    build (without GPU fallback; with it nothing runs on DLA), a static input takes only its own shape,
+    and a refused shape leaves the context's last good shape in place."""
+    trt, _ = fake("10.3.0", dla_cores=1)
+
+    def build(lo, hi, dla=False, fallback=True, path=bundle / "model.onnx"):
+        logger = _make_logger(trt)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        assert trt.OnnxParser(network, logger).parse_from_file(str(path))
+        config, profile = builder.create_builder_config(), builder.create_optimization_profile()
+        profile.set_shape("input", (lo, 3, 24, 32), (hi, 3, 24, 32), (hi, 3, 24, 32))
+        config.add_optimization_profile(profile)
+        if dla:
+            config.default_device_type, config.DLA_core = trt.DeviceType.DLA, 0
+        if dla and fallback:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        plan = builder.build_serialized_network(network, config)
+        return (json.loads(bytes(plan)[8:]) if plan is not None else None), logger.errors
+
+    plan, errors = build(1, 4, dla=True, fallback=False)
+    assert plan is None and "DLA does not support dynamic dimensions" in errors[0]
+    assert build(1, 4, dla=True)[0]["device"] == "GPU"
+    assert build(4, 4, dla=True)[0]["device"] == "DLA"
+    static = bundle / "static.onnx"
+    model = onnx.load(str(bundle / "model.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, str(static))
+    plan, errors = build(1, 2, path=static)
+    assert plan is None and "expected min=opt=max=2" in errors[0]
+    engine = trt.Runtime(None).deserialize_cuda_engine(b"FAKEPLAN" + json.dumps(build(1, 4)[0]).encode())
+    ctx = engine.create_execution_context()
+    assert engine.get_tensor_profile_shape("input", 0) == [(1, 3, 24, 32), (4, 3, 24, 32), (4, 3, 24, 32)]
+    assert ctx.execute_async_v3(0) is False  # no shape yet
+    assert ctx.set_input_shape("input", (2, 3, 24, 32)) and not ctx.set_input_shape("input", (8, 3, 24, 32))
+    assert ctx.shape == (2, 3, 24, 32) and ctx.refused == [(8, 3, 24, 32)]
+
+
 def test_mismatched_engine_is_refused_with_rebuild_command(fake, bundle):
     fake("10.3.0")
     build = build_engine(bundle, "fp32")
@@ -583,6 +743,7 @@ def test_trtexec_command(bundle):
     assert f"--onnx={b}/model.fp16.onnx" in cmd and cmd.endswith("--stronglyTyped")
     cmd = trtexec_command(bundle, "int8", 4, dla=1, trt_version="8.6.1", gpu_name="Orin")
     assert "model.int8.onnx" in cmd and "--int8 --useDLACore=1 --allowGPUFallback" in cmd
+    assert "--minShapes=input:4x3x24x32 --optShapes=input:4x3x24x32 --maxShapes=input:4x3x24x32" in cmd  # DLA: static
 
 
 def test_cli_without_tensorrt_exits_2_with_one_line(bundle):
@@ -660,3 +821,50 @@ def test_real_int8_engine_builds_from_the_calibrated_model(colour_data, tmp_path
         want = ref.infer(x)
     with open_backend(b, "tensorrt", "int8") as be:
         np.testing.assert_allclose(be.infer(x), want, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_tensorrt_and_cuda(), reason="needs CUDA and the tensorrt Python package")
+def test_real_fixed_batch_engine_and_profile_errors(colour_data, tmp_path_factory, tmp_path):
+    """A fixed-batch bundle's engine pads one crop (the warm-up) and three crops to its batch, and a shape
+    outside a dynamic engine's profile is the one-line error (the real set_input_shape answers False)."""
+    from mnet.export.onnx import export_onnx
+    from test_export_support import trained_checkpoint
+
+    fixed = export_onnx(trained_checkpoint(colour_data, tmp_path_factory), tmp_path / "fixed", batch=2,
+                        parity_images=4).path
+    build_engine(fixed, "fp32", max_batch=2)
+    x = np.random.default_rng(0).normal(size=(3, 3, 24, 32)).astype(np.float32)
+    with open_backend(fixed, "onnxruntime", providers="cpu") as ref:
+        want = ref.infer(x)
+    with open_backend(fixed, "tensorrt", "fp32") as be:
+        assert (be.exact_batch, be.max_batch) == (2, 2)
+        _warmup(fixed, be)
+        np.testing.assert_allclose(be.infer(x), want, atol=1e-3)
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    build_engine(b, "fp32", max_batch=4)
+    with open_backend(b, "tensorrt", "fp32") as be:
+        assert (be.exact_batch, be.max_batch) == (None, 4)
+        with pytest.raises(BackendError, match=r"refused input shape \(5, 3, 24, 32\).*\(1, 3, 24, 32\) to \(4, 3"):
+            be._run(np.zeros((5, 3, 24, 32), np.float32))
+        np.testing.assert_allclose(be.infer(x), be.infer(x[:1]).tolist() + be.infer(x[1:]).tolist(), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_tensorrt_and_cuda(), reason="needs CUDA and the tensorrt Python package")
+def test_real_dla_engine_takes_exactly_its_batch(colour_data, tmp_path_factory, tmp_path):
+    """On a Jetson with DLA (Xavier, Orin; TensorRT <= 10.7): the static-profile DLA build succeeds and runs."""
+    import tensorrt as trt
+
+    if getattr(trt.Builder(trt.Logger(trt.Logger.WARNING)), "num_DLA_cores", 0) < 1:
+        pytest.skip("this device has no DLA core")
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    build = build_engine(b, "fp16", max_batch=4, dla=0)
+    assert (build.info.min_batch, build.info.max_batch) == (4, 4)
+    x = np.random.default_rng(0).normal(size=(5, 3, 24, 32)).astype(np.float32)
+    with open_backend(b, "onnxruntime", providers="cpu") as ref:
+        want = ref.infer(x)
+    with open_backend(b, "tensorrt", "fp16") as be:
+        assert be.exact_batch == 4
+        _warmup(b, be)
+        np.testing.assert_allclose(be.infer(x), want, atol=2e-2)

@@ -43,6 +43,7 @@ def test_report_has_every_column_and_plot(runs, tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| 24 × 32") or line.startswith("| 32 × 32")]
     enas = next(r for r in rows if "ENAS (RL)" in r)
     assert "CPU-h" in enas and "1.0x" in enas
+    assert "MNet-tiny (4L, C=16)" in enas and "MNet-24-32" not in md  # the tiny preset is not the paper's model
     assert re.search(r"\| -?\d+\.\d\d \|$", enas), enas  # the INT8 drop, in points
     assert any("shufflenet_v2_x1_0" in r and "manual" in r for r in rows)
     assert "Fusion baselines" in md
@@ -51,6 +52,22 @@ def test_report_has_every_column_and_plot(runs, tmp_path):
     assert len(re.findall(r"src='data:image/png;base64,", html)) >= 3  # self-contained
     for png in ("accuracy_vs_params.png", "accuracy_vs_latency.png", "confusion_matrices.png", "search_rewards.png"):
         assert (out / png).stat().st_size > 0
+
+
+def test_mnet_models_are_named_by_their_preset():
+    import random
+
+    from mnet.arch import PRESETS, build_space
+    from mnet.report import _mnet_name
+
+    def sample(space):
+        return space.sample(random.Random(0))
+
+    assert _mnet_name(sample(PRESETS["tiny"])) == "MNet-tiny (4L, C=16)"
+    assert _mnet_name(sample(PRESETS["mnet-24-32"])) == "MNet-24-32 (12L, C=256)"
+    assert _mnet_name(sample(PRESETS["mnet-120-160"])) == "MNet-120-160 (12L, C=256)"
+    assert _mnet_name(sample(build_space("tiny", input_hw=(28, 28)))) == "MNet custom (4L, C=16)"
+    assert _mnet_name(sample(build_space("mnet-24-32", layers=6, width=64))) == "MNet custom (6L, C=64)"
 
 
 def test_report_needs_a_trained_model(runs, tmp_path, capsys):

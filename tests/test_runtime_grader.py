@@ -127,6 +127,8 @@ def _grade(conveyor, config=None, sinks=None, **kw):
     rec = _Recording(Localizer(config.localize))
     tagging = _Tagging(Preprocess((24, 32)), rec, plan)
     backend = kw.pop("backend", None) or _Oracle(tagging, kw.pop("delay_s", 0.0))
+    if "wrap" in kw:  # a fault injector around the oracle
+        backend = kw.pop("wrap")(backend)
     summary = grade(backend, tagging, CLASSES, str(path), config, sinks, model="oracle", localizer=rec, **kw)
     return summary, backend
 
@@ -377,7 +379,7 @@ def test_backend_failure_in_the_worker_is_a_backend_error_not_a_hang(conveyor):
 
         def infer(self, x):
             self.calls += 1
-            if self.calls == 4:  # warm-up and two batches work, then the device goes away
+            if self.calls >= 4:  # warm-up and two batches work, then the device is gone for good
                 raise RuntimeError("device lost")
             return np.full((len(x), 3), 1 / 3, np.float32)
 
@@ -439,7 +441,8 @@ def test_a_required_view_refused_by_a_dead_worker_raises_its_error_in_flush():
     # on fruit 2's first call with its second queued (queue of 1: full). flush() then has fruit 1 first
     # in exit order and must classify its kept view: the refusal is the backend's error, not a vote
     # made of nothing (ConfigError from an all-zero event).
-    cfg = GradeConfig(tracker=TrackerConfig(view_stride=1), queue_depth=1)
+    # max_consecutive_failures=1: the first failed call (after its retry) stops the worker.
+    cfg = GradeConfig(tracker=TrackerConfig(view_stride=1), queue_depth=1, max_consecutive_failures=1)
     loc = _Fixed([Box(300, 100, 60, 60, 3600.0), Box(600, 100, 40, 40, 1600.0, True)])
     with Grader(_DiesOnFirstCall(), Preprocess((24, 32)), CLASSES, cfg, localizer=loc) as g:
         for f in range(4):  # views of fruit 2 on frames 2 and 3 (confirmed at 3 hits)
@@ -449,7 +452,7 @@ def test_a_required_view_refused_by_a_dead_worker_raises_its_error_in_flush():
 
 
 def test_a_live_source_does_not_count_a_dead_worker_as_a_skipped_view():
-    cfg = GradeConfig(tracker=TrackerConfig(view_stride=1), queue_depth=1)
+    cfg = GradeConfig(tracker=TrackerConfig(view_stride=1), queue_depth=1, max_consecutive_failures=1)
     backend = _DiesOnFirstCall()
     with Grader(backend, Preprocess((24, 32)), CLASSES, cfg, localizer=_Fixed([Box(300, 100, 60, 60, 3600.0)]),
                 block_views=False) as g:
@@ -490,3 +493,218 @@ def test_views_zero_with_a_trigger_classifies_each_fruit_only_until_it_is_graded
     assert summary.fruit_graded == 20 and summary.views == len(backend.rows)
     # fruit are seen well past the line, but only views up to it are classified
     assert summary.views < 0.75 * sum(len(i.boxes) for i in frames)
+
+
+# ------------------------------------------------------------------- faults: a failed inference costs a view
+class _Collect:
+    name, wants_frames = "collect", False
+
+    def __init__(self):
+        self.events = []
+
+    def write(self, e):
+        self.events.append(e)
+
+    def close(self):
+        pass
+
+
+class _Faulty:
+    """Wraps a backend; `fault(n)` says what call n does (1 is the warm-up, retries count): None answers,
+    "raise" raises, "nan" puts NaN in row 0, "inf" makes every row Inf."""
+
+    name = "faulty"
+
+    def __init__(self, fault):
+        self.fault, self.calls, self.raised, self.inner = fault, 0, 0, None
+
+    def __call__(self, inner):  # _grade(wrap=...) hands over the oracle
+        self.inner = inner
+        return self
+
+    def infer(self, x):
+        self.calls += 1
+        what = self.fault(self.calls)
+        if what == "raise":
+            self.raised += 1
+            raise RuntimeError(f"glitch on call {self.calls}")
+        out = np.array(self.inner.infer(x), np.float32)
+        if what == "nan":
+            out[0, 1] = np.nan
+        elif what == "inf":
+            out[:] = np.inf
+        return out
+
+
+def _votes(events):
+    return [(e.fruit_id, e.grade, e.views, e.probs) for e in events]
+
+
+@pytest.fixture(scope="module")
+def clean_run(conveyor):
+    sink = _Collect()
+    summary, _ = _grade(conveyor, GradeConfig(), Sinks([sink]))
+    return summary, sink.events
+
+
+def test_a_backend_raising_every_nth_call_costs_nothing_after_the_retry(conveyor, clean_run):
+    clean, clean_events = clean_run
+    sink, faulty = _Collect(), _Faulty(lambda n: "raise" if n % 4 == 0 else None)
+    summary, _ = _grade(conveyor, GradeConfig(), Sinks([sink]), wrap=faulty)
+    assert faulty.raised >= 10 and summary.infer_errors == faulty.raised
+    assert _votes(sink.events) == _votes(clean_events)  # every fruit, the same votes
+    assert (summary.views_failed, summary.fruit_failed, summary.fruit_graded) == (0, 0, clean.fruit_graded)
+
+
+@pytest.mark.parametrize("what, calls, dropped", [
+    ("raise", {20, 21}, None),  # the call and its retry fail: that call's views are dropped
+    ("nan", {20, 21}, 1),  # row 0 NaN twice: that one view is dropped
+    ("nan", {20}, 0),  # NaN once: the retry mends it
+    ("inf", {20, 21}, None),
+])
+def test_a_view_failing_twice_is_dropped_and_its_fruit_votes_on_its_other_views(conveyor, clean_run, what, calls,
+                                                                              dropped):
+    clean, clean_events = clean_run
+    sink, faulty = _Faulty(lambda n: what if n in calls else None), _Collect()
+    summary, _ = _grade(conveyor, GradeConfig(), Sinks([faulty]), wrap=sink)
+    events = faulty.events
+    assert summary.infer_errors == (2 if what == "raise" else 0)
+    nonfinite = summary.nonfinite_outputs
+    assert nonfinite == {"raise": 0, "nan": len(calls)}.get(what, nonfinite)
+    assert summary.views_failed == (dropped if dropped is not None else summary.views_failed) and \
+        (summary.views_failed >= 1) == (len(calls) == 2)
+    # no fruit lost, and each graded as in the clean run (the oracle answers every view alike)
+    assert summary.fruit_failed == 0 and summary.fruit_graded == clean.fruit_graded == len(events)
+    assert [(e.fruit_id, e.grade) for e in events] == [(e.fruit_id, e.grade) for e in clean_events]
+    assert summary.views == clean.views + summary.views_failed  # a fruit still in view gets a new view instead
+
+
+def test_a_fruit_without_a_valid_view_is_counted_not_graded(conveyor, clean_run):
+    clean, _ = clean_run
+    sink, faulty = _Collect(), _Faulty(lambda n: "raise" if n > 30 else None)  # the device is gone after call 30 of ~55
+    summary, _ = _grade(conveyor, GradeConfig(max_consecutive_failures=10 ** 6), Sinks([sink]), wrap=faulty)
+    assert summary.fruit_failed >= 5 and summary.fruit_graded == len(sink.events) >= 5
+    assert summary.fruit_graded + summary.fruit_failed == clean.fruit_graded  # every fruit accounted for
+    assert summary.views_failed > 0 and summary.infer_errors == faulty.raised
+
+
+def test_a_backend_that_keeps_failing_is_fatal_and_every_complete_vote_is_still_written(conveyor, tmp_path):
+    # the device goes at call 30 of ~55; two failed calls in a row (each retried) end grading
+    faulty = _Faulty(lambda n: "raise" if n > 30 else None)
+    events = []
+    with pytest.raises(BackendError, match=r"'faulty' failed on a batch of \d+: RuntimeError: glitch on call \d+ "
+                                           r"\(2 call\(s\) in a row"):
+        _grade(conveyor, GradeConfig(max_consecutive_failures=2), open_sinks(events=tmp_path / "e.jsonl"),
+               wrap=faulty, on_frame=lambda img, info: events.extend(info.events))
+    written = [GradeEvent.from_json(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    # every fruit the backend classified a view of has its event, also those still in view at the failure
+    classified = {id(fr) for fr in faulty.inner.rows}
+    assert len(written) == len(classified) > len(events) >= 1
+    assert _votes(written[:len(events)]) == _votes(events) and len({e.fruit_id for e in written}) == len(written)
+    assert faulty.raised == 4  # two calls, each retried once
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name == "mnet-infer"]
+
+
+def test_any_error_in_the_loop_still_writes_the_fruit_in_flight(conveyor, tmp_path):
+    written_live = []
+
+    def on_frame(img, info):
+        written_live.extend(info.events)
+        if info.index == 150:
+            raise KeyError("a bug in a callback")
+
+    with pytest.raises(KeyError, match="a bug"):
+        _grade(conveyor, GradeConfig(), open_sinks(events=tmp_path / "e.jsonl"), on_frame=on_frame, delay_s=0.005)
+    written = [GradeEvent.from_json(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert len(written) > len(written_live) >= 1  # the fruit in view with views back were voted and written
+    assert [e.fruit_id for e in written] == sorted({e.fruit_id for e in written})  # exit order, once each
+    assert all(e.last_ts <= 150 / 30 + 1e-9 for e in written)
+
+
+def test_full_frame_photo_with_a_nan_view_is_counted_not_graded(tmp_path):
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"shot{i}.jpg"), np.full((48, 64, 3), 120 * i, np.uint8))
+
+    class Uniform:
+        def infer(self, x):
+            return np.full((len(x), 3), 1 / 3, np.float32)
+
+    sink = _Collect()
+    faulty = _Faulty(lambda n: "nan" if n in (3, 4) else None)(Uniform())  # photo 2, and its retry
+    summary = grade(faulty, Preprocess((24, 32)), CLASSES, str(tmp_path), GradeConfig.from_options(full_frame=True),
+                    Sinks([sink]))
+    assert [(e.fruit_id, e.first_ts) for e in sink.events] == [(1, 0.0), (2, 2.0)]
+    assert (summary.fruit_graded, summary.fruit_failed, summary.views_failed, summary.nonfinite_outputs) == (2, 1, 1, 2)
+
+
+def test_a_backend_failing_at_warm_up_is_fatal_at_once():
+    class Uniform:
+        def infer(self, x):
+            return np.full((len(x), 3), 1 / 3, np.float32)
+
+    faulty = _Faulty(lambda n: "inf")(Uniform())
+    with pytest.raises(BackendError, match="'faulty' failed at warm-up on a blank crop: 1 of 1 rows NaN/Inf"):
+        with Grader(faulty, Preprocess((24, 32)), CLASSES) as g:
+            g.warmup()
+    assert faulty.calls == 2  # retried once
+
+
+def test_fault_options_are_checked():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="'max_consecutive_failures'"):
+            GradeConfig(max_consecutive_failures=bad)
+    with pytest.raises(ConfigError, match="'run_id'"):
+        GradeConfig(run_id="no spaces please")
+
+
+# ------------------------------------------------------------------------------------ run id and event id
+def test_every_event_names_its_run_and_two_runs_never_share_an_event_id(tmp_path):
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"shot{i}.jpg"), np.full((48, 64, 3), 200, np.uint8))
+
+    class Uniform:
+        name = "uniform"
+
+        def infer(self, x):
+            return np.full((len(x), 3), 1 / 3, np.float32)
+
+    def run(**kw):
+        sink = _Collect()
+        summary = grade(Uniform(), Preprocess((24, 32)), CLASSES, str(tmp_path),
+                        GradeConfig.from_options(full_frame=True, **kw), Sinks([sink]))
+        return summary, sink.events
+
+    (s1, e1), (s2, e2) = run(), run()
+    assert len(s1.run_id) == 32 and s1.run_id != s2.run_id and s1.to_json()["run_id"] == s1.run_id
+    assert [e.event_id for e in e1] == [f"{s1.run_id}:0:1", f"{s1.run_id}:0:2"]
+    assert {e.run_id for e in e2} == {s2.run_id} and not {e.event_id for e in e1} & {e.event_id for e in e2}
+    assert all(e.schema_version == 3 and e.reason is None for e in e1 + e2)
+    s3, e3 = run(run_id="lot-7")  # a run id given by the caller: the same in every event
+    assert s3.run_id == "lot-7" and [e.event_id for e in e3] == ["lot-7:0:1", "lot-7:0:2"]
+
+
+def test_a_dropped_view_releases_a_discarded_track_and_a_fruit_without_views_settles_unvoted():
+    from mnet.runtime.grader import _Tracker
+
+    tr = _Tracker(3, TrackerConfig(max_views=0))  # every box classified, tentative tracks too
+    (uid, _, _), = tr.step([Box(300, 100, 60, 60, 3600.0)], 0.0, (0, 640)).classify
+    tr.record_view(uid)
+    for f in range(1, 30):  # seen once: noise, discarded while its view is in flight
+        tr.step([], f / 30, (0, 640))
+    assert uid in tr._by_uid and tr.discarded == 1
+    tr.drop_view(uid)  # its view failed: nothing will come back for it
+    assert uid not in tr._by_uid
+    # a fruit whose every view failed: released without a vote, not left behind
+    tr = _Tracker(3, TrackerConfig(view_stride=1, min_hits=1))
+    views = []
+    for f in range(3):
+        step = tr.step([Box(300 + 5 * f, 100, 60, 60, 3600.0)], f / 30, (0, 640))
+        for u, _, _ in step.classify:
+            tr.record_view(u)
+            views.append(u)
+    (uid,) = set(views)
+    for _ in views:
+        tr.drop_view(uid)
+    (done,) = tr.finish()
+    assert done[0] == uid and tr.settle(uid) is None and uid not in tr._by_uid

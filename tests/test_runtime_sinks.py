@@ -25,6 +25,8 @@ from mnet.runtime.sinks import (
     JsonlSink,
     MqttSink,
     Sink,
+    SinkError,
+    Sinks,
     VideoSink,
     annotate,
     open_sinks,
@@ -111,8 +113,8 @@ def test_csv_rows_and_header_checks(tmp_path):
     sink.write(_ev(2, "B"))
     sink.close()
     rows = list(csv.DictReader(path.open()))
-    assert list(rows[0]) == ["fruit_id", "grade", "confidence", "p_A", "p_B", "p_C", "frames", "views", "first_ts",
-                             "last_ts", "source", "model"]
+    assert list(rows[0]) == ["run_id", "event_id", "lane", "fruit_id", "grade", "reason", "confidence", "p_A", "p_B",
+                             "p_C", "frames", "views", "first_ts", "last_ts", "source", "model"]
     assert [(r["fruit_id"], r["grade"], float(r["p_B"])) for r in rows] == [("1", "A", 0.1), ("2", "B", 0.8)]
     again = CsvSink(path)  # appending with the same columns: no second header
     again.write(_ev(3))
@@ -144,11 +146,183 @@ def test_stream_sink_and_fan_out_closes_everything(tmp_path):
     sinks.write(_ev(7))
     assert json.loads(buf.getvalue())["fruit_id"] == 7
     sinks.add(Broken())
-    with pytest.raises(DataError, match="broken sink.*event 8.*No space"):
-        sinks.write(_ev(8))
-    with pytest.raises(OSError, match="close failed"):
+    sinks.write(_ev(8))  # the broken sink is set aside; the others got event 8
+    assert len(sinks) == 3
+    # its close error does not replace its first one
+    with pytest.raises(SinkError, match=r"broken: cannot write event 8: \[Errno 28\] No space.*1 event\(s\) missed") as e:
         sinks.close()
+    assert "close failed" not in str(e.value) and isinstance(e.value, DataError)
     assert Broken.closed and (tmp_path / "e.csv").read_text().count("\n") == 3  # header + 2 rows
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 2
+
+
+def _open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_sink_costs_only_its_own_events(tmp_path, caplog):
+    """`--events /dev/full --csv x.csv`: the CSV gets every event, the JSONL's failure is named with its OS error
+    and the events it missed, raised once at close (never replaced by its close error), and its fd is released."""
+    buf = io.StringIO()
+    sinks = open_sinks(events="/dev/full", csv_path=tmp_path / "x.csv", stream=buf)
+    with caplog.at_level("ERROR", logger="mnet.runtime.sinks"):
+        for i in (1, 2, 3):
+            sinks.write(_ev(i))
+    assert [r["fruit_id"] for r in csv.DictReader((tmp_path / "x.csv").open())] == ["1", "2", "3"]
+    assert [json.loads(line)["fruit_id"] for line in buf.getvalue().splitlines()] == [1, 2, 3]
+    assert any("/dev/full" in r.getMessage() and "No space left" in r.getMessage() for r in caplog.records)
+    assert len(sinks) == 2  # the JSONL is set aside
+    with pytest.raises(SinkError) as e:
+        sinks.close()
+    msg = str(e.value)
+    assert "jsonl /dev/full: cannot write event 1" in msg and "No space left on device" in msg
+    assert "3 event(s) missed" in msg and f"csv {tmp_path / 'x.csv'}" in msg and "\n" not in msg
+    assert e.value.failures == [{"sink": "jsonl /dev/full", "written": 0, "missed": 3, "frames_missed": 0,
+                                 "error": "cannot write event 1: [Errno 28] No space left on device"}]
+    assert "/dev/full" not in _open_fds()
+    sinks.close()  # raised once: closing again neither raises nor reopens anything
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_no_sink_left_stops_at_once_and_close_does_not_mask_it(tmp_path):
+    sinks = open_sinks(events="/dev/full")
+    with pytest.raises(SinkError, match=r"jsonl /dev/full: cannot write event 1.*No space.*no sink left"):
+        sinks.write(_ev(1))
+    sinks.close()  # the error above is the one reported: its close error is only logged
+    assert "/dev/full" not in _open_fds()
+    # a plain JsonlSink on a full disk releases its fd even though its close fails
+    sink = JsonlSink("/dev/full")
+    sink._f.write("x\n")
+    with pytest.raises(OSError, match="No space"):
+        sink.close()
+    assert sink._f.closed
+
+
+def test_fan_out_collects_frame_and_close_failures_and_closes_every_sink(tmp_path):
+    events, frames, closed = [], [], []
+
+    class Fake(Sink):
+        def __init__(self, name, wants_frames=False, fail_write=False, fail_frame=False, fail_close=False):
+            self.name, self.wants_frames = name, wants_frames
+            self.fail_write, self.fail_frame, self.fail_close = fail_write, fail_frame, fail_close
+
+        def write(self, event):
+            if self.fail_write:
+                raise ValueError("a bug in the sink")
+            events.append((self.name, event.fruit_id))
+
+        def frame(self, image, info):
+            if self.fail_frame:
+                raise OSError(5, "Input/output error")
+            frames.append((self.name, info.index))
+
+        def close(self):
+            closed.append(self.name)
+            if self.fail_close:
+                raise OSError(5, "fsync failed")
+
+    sinks = Sinks([Fake("buggy", fail_write=True), Fake("video", True, fail_frame=True), Fake("ok", True),
+                   Fake("slow", fail_close=True)])
+    img = np.zeros((8, 8, 3), np.uint8)
+    for i in (1, 2):
+        sinks.write(_ev(i))
+        sinks.frame(img, _info(i, []))
+    assert events == [("video", 1), ("ok", 1), ("slow", 1), ("ok", 2), ("slow", 2)]  # video is set aside
+    assert frames == [("ok", 1), ("ok", 2)] and sinks.wants_frames
+    with pytest.raises(SinkError) as e:
+        sinks.close()
+    assert closed == ["buggy", "video", "ok", "slow"]
+    assert [(f["sink"], f["missed"], f["frames_missed"]) for f in e.value.failures] == [
+        ("buggy", 2, 0), ("video", 1, 2), ("slow", 0, 0)]
+    msg = str(e.value)
+    assert "buggy: cannot write event 1: ValueError: a bug in the sink" in msg
+    assert "video: cannot write frame 1: [Errno 5] Input/output error" in msg
+    assert "slow: cannot close: [Errno 5] fsync failed" in msg and "ok got every event" in msg
+
+
+def test_an_error_on_its_way_out_is_not_replaced_by_a_sink_failure():
+    class Broken(Sink):
+        name = "broken"
+
+        def write(self, event):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    class Fine(Broken):
+        name = "fine"
+
+        def write(self, event):
+            pass
+
+    with pytest.raises(KeyError, match="the first error"), Sinks([Broken(), Fine()]) as sinks:
+        sinks.write(_ev(1))
+        raise KeyError("the first error")
+    sinks = Sinks([Broken(), Fine()])
+    with pytest.raises(KeyError, match="the first error"):
+        try:  # grade(): a backend error, then its `finally` closes the sinks
+            sinks.write(_ev(1))
+            raise KeyError("the first error")
+        finally:
+            sinks.close()
+    quiet = Sinks([Broken(), Fine()], raise_on_close=False)
+    quiet.write(_ev(1))
+    quiet.close()  # reported by the caller instead
+    assert [f["sink"] for f in quiet.failed] == ["broken"]
+    with pytest.raises(SinkError, match="broken"):
+        quiet.raise_failures()
+
+
+def test_a_csv_with_other_columns_is_refused_before_the_jsonl_holds_anything(tmp_path):
+    from mnet.preprocess import Preprocess
+    from mnet.runtime.grader import GradeConfig, grade
+
+    other = tmp_path / "old.csv"
+    other.write_text("fruit_id,grade,p_ok,p_bad\n1,ok,0.9,0.1\n")
+    jsonl = tmp_path / "e.jsonl"
+    # told the classes at open (the CLI): refused before the JSONL is even opened
+    with pytest.raises(ConfigError, match="has columns"):
+        open_sinks(events=jsonl, csv_path=other, classes=("A", "B", "C"))
+    assert not jsonl.exists()
+    # not told (a library caller): grade() starts every sink before the first frame
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    cv2.imwrite(str(shots / "a.jpg"), np.full((48, 64, 3), 200, np.uint8))
+
+    class Constant:
+        name = "constant"
+
+        def infer(self, x):
+            return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
+
+    with pytest.raises(ConfigError, match="has columns"):
+        grade(Constant(), Preprocess((24, 32)), ("A", "B", "C"), str(shots), GradeConfig.from_options(full_frame=True),
+              open_sinks(events=jsonl, csv_path=other))
+    assert jsonl.read_text() == ""
+    assert other.read_text() == "fruit_id,grade,p_ok,p_bad\n1,ok,0.9,0.1\n"
+    # a new CSV started with the classes gets its header before any event; other classes are refused
+    fresh = CsvSink(tmp_path / "new.csv")
+    fresh.start(("A", "B", "C"))
+    fresh.start(["A", "B", "C"])
+    with pytest.raises(ConfigError, match="differ"):
+        fresh.start(("A", "B"))
+    fresh.close()
+    assert (tmp_path / "new.csv").read_text().splitlines() == [",".join(CsvSink.header(["A", "B", "C"]))]
+
+
+def test_open_sinks_passes_fsync_each_to_the_jsonl(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    sinks = open_sinks(events=tmp_path / "e.jsonl", fsync_each=True)
+    sinks.write(_ev(1))
+    sinks.write(_ev(2))
+    assert len(synced) == 2
+    sinks.close()
+    assert open_sinks(events=tmp_path / "f.jsonl").sinks[0].fsync_each is False
 
 
 # -------------------------------------------------------------------------------------------- video
@@ -187,6 +361,26 @@ def test_annotate_draws_trigger_line_and_status():
     img = annotate(frame, _info(3, []))
     assert img[60:120, 80].mean() > 100  # the trigger line (top rows carry the status text)
     assert img[5:20, 5:150].max() == 255  # the status line
+
+
+def test_annotate_draws_the_header_and_last_text_once():
+    """Each text is one pass on a dark box, exactly as one putText draws it: no second, thicker copy whose
+    wider glyph advance (OpenCV 5) drifts from the first and smears the line; the input frame is untouched."""
+    import dataclasses
+
+    frame = np.full((120, 320, 3), 90, np.uint8)
+    info = dataclasses.replace(_info(3, []), roi=None, trigger_x=None)
+    img = annotate(frame, info)
+    assert (frame == 90).all()
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for text, org, colour in (("123.0 fps  graded 3  dropped 0", (6, 18), (255, 255, 255)),
+                              ("last: #1 A (0.80)", (6, 112), (80, 200, 60))):
+        (tw, th), base = cv2.getTextSize(text, font, 0.5, 1)
+        ref = np.zeros_like(frame)  # the same text drawn once, on black
+        cv2.putText(ref, text, org, font, 0.5, colour, 1, cv2.LINE_AA)
+        rows = slice(org[1] - th - 2, org[1] + base + 1)
+        assert (img[rows, org[0] - 2:org[0] + tw + 3] == ref[rows, org[0] - 2:org[0] + tw + 3]).all(), text
+        assert (img[rows, org[0] + tw + 4:] == 90).all(), text  # nothing drawn past the text's own width
 
 
 # --------------------------------------------------------------------------------------------- MQTT

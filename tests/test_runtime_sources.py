@@ -3,6 +3,8 @@ reconnect with backoff) through a cv2.VideoCapture test double."""
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -137,11 +139,13 @@ class _World:
         self.fail_reads = set(fail_reads)  # read numbers (over all captures) that fail
         self.refuse_opens = refuse_opens  # how many opens after the first one fail
         self.opens = 0
+        self.targets = []  # what each open was given (the /dev/videoN index for cameras)
         self.reads = 0
         self.produced = 0  # frames successfully produced
         self.lock = threading.Lock()
 
     def factory(self, target, api):
+        self.targets.append(target)
         return _FakeCapture(self)
 
 
@@ -249,6 +253,264 @@ def test_live_source_that_cannot_open_names_the_uri():
             pass
 
     with pytest.raises(SourceError, match=r"'rtsp://cam\.local/live'.*cannot connect"):
-        open_source("rtsp://cam.local/live", capture_factory=Closed)
+        open_source("rtsp://cam.local/live", capture_factory=Closed, open_timeout_s=0)
     with pytest.raises(SourceError, match=r"'1'.*cannot open camera 1"):
-        open_source("1", capture_factory=Closed)
+        open_source("1", capture_factory=Closed, open_timeout_s=0)
+
+
+# ------------------------------------------------------------- faults (issue 14 items 3, 4, 10)
+
+
+def _seq_frame(n: int) -> np.ndarray:
+    img = np.zeros((6, 8, 3), np.uint8)
+    img.reshape(-1)[:4] = np.frombuffer(np.uint32(n).tobytes(), np.uint8)
+    return img
+
+
+class _SteppingClock:
+    """The `time` module as sources.py sees it, with a wall clock that steps back an hour after
+    `step_after_s` (a Jetson's RTC/NTP sync after boot); monotonic and sleep are the real ones."""
+
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, step_after_s: float) -> None:
+        self.step_at = time.monotonic() + step_after_s
+
+    def time(self) -> float:
+        return time.time() - (3600.0 if time.monotonic() >= self.step_at else 0.0)
+
+
+def test_live_timestamps_never_go_backwards_when_the_wall_clock_steps(monkeypatch):
+    monkeypatch.setattr(sys.modules[open_source.__module__], "time", _SteppingClock(step_after_s=0.1))
+    src = open_source("0", capture_factory=_World(period_s=0.002).factory, timeout_s=2.0)
+    try:
+        stamps = []
+        deadline = time.monotonic() + 0.4
+        while time.monotonic() < deadline:
+            c = src.read()
+            if c.ok:
+                stamps.append(c.ts)
+    finally:
+        src.close()
+    assert len(stamps) > 20
+    assert stamps == sorted(stamps), "a frame was stamped before the one ahead of it"
+    # Unix time from the reading at start, advancing with the monotonic clock through the step.
+    assert abs(stamps[0] - time.time()) < 5 and stamps[-1] - stamps[0] < 5
+
+
+class _FakeVideoFile:
+    """A video-file capture double of `declared` frames (FRAME_COUNT) of which `real` exist; reads of
+    the `bad` frame numbers fail. advance_on_fail=True moves POS_FRAMES past a bad frame like OpenCV's
+    MJPEG reader; False keeps it at the frames decoded so far, like FFmpeg."""
+
+    def __init__(self, declared: int, bad=(), *, real: int | None = None, advance_on_fail: bool = True) -> None:
+        self.declared, self.real = declared, declared if real is None else real
+        self.bad, self.advance = set(bad), advance_on_fail
+        self.next = 0  # the next frame in the container
+        self.decoded = 0
+
+    def isOpened(self):
+        return True
+
+    def set(self, prop, value):
+        return False
+
+    def get(self, prop):
+        return {cv2.CAP_PROP_FPS: 25.0, cv2.CAP_PROP_FRAME_COUNT: float(self.declared),
+                cv2.CAP_PROP_POS_FRAMES: float(self.next if self.advance else self.decoded)}.get(prop, 0.0)
+
+    def read(self):
+        if self.next >= self.real:
+            return False, None
+        i = self.next
+        self.next += 1
+        if i in self.bad:
+            return False, None
+        self.decoded += 1
+        return True, _seq_frame(i)
+
+    def release(self):
+        pass
+
+
+@pytest.mark.parametrize("advance_on_fail", [True, False], ids=["mjpeg-like", "ffmpeg-like"])
+def test_file_source_reads_past_corrupt_frames_in_the_middle(tmp_path, caplog, advance_on_fail):
+    (tmp_path / "belt.mp4").write_bytes(b"x")
+    bad = {10, 11, 12, 20}
+    src = open_source(str(tmp_path / "belt.mp4"), prefetch=2,
+                      capture_factory=lambda t, a: _FakeVideoFile(30, bad, advance_on_fail=advance_on_fail))
+    with caplog.at_level(logging.WARNING, logger="mnet.runtime.sources"), src:
+        got = []
+        while (c := src.read()).status is not Status.EOS:
+            got.append((c.status, c.index, _seq(c.frame) if c.ok else None))
+    assert [i for s, i, _ in got if s is Status.ERROR] == sorted(bad)
+    assert [(i, n) for s, i, n in got if s is Status.OK] == [(i, i) for i in range(30) if i not in bad]
+    assert (src.stats.read, src.stats.delivered, src.stats.errors) == (26, 26, 4)
+    assert "read 26 of the 30 frames" in caplog.text and "belt.mp4" in caplog.text
+
+
+def test_file_source_warns_when_the_container_holds_more_than_was_read(tmp_path, caplog):
+    (tmp_path / "belt.mp4").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="mnet.runtime.sources"):
+        # a truncated file: 30 frames declared, 18 there (FFmpeg keeps failing at the cut)
+        with open_source(str(tmp_path / "belt.mp4"),
+                         capture_factory=lambda t, a: _FakeVideoFile(30, real=18, advance_on_fail=False)) as src:
+            assert [c.index for c in src] == list(range(18))
+        assert src.stats.errors == 12 and "read 18 of the 30 frames" in caplog.text
+        # a bogus frame count must not keep the reader spinning
+        t = time.monotonic()
+        with open_source(str(tmp_path / "belt.mp4"),
+                         capture_factory=lambda t, a: _FakeVideoFile(10**9, real=5, advance_on_fail=False)) as src:
+            assert len(list(src)) == 5
+        assert time.monotonic() - t < 10 and src.stats.errors == 1000
+    # a clean file says nothing
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mnet.runtime.sources"):
+        with open_source(str(tmp_path / "belt.mp4"), capture_factory=lambda t, a: _FakeVideoFile(7)) as src:
+            assert len(list(src)) == 7
+    assert src.stats.errors == 0 and not caplog.records
+
+
+def _avi_frame_chunks(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of each video chunk's payload in the 'movi' list of an AVI."""
+    pos, chunks = data.index(b"movi") + 4, []
+    while pos + 8 <= len(data) and data[pos:pos + 4] != b"idx1":
+        fourcc, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if fourcc[2:] in (b"dc", b"db"):
+            chunks.append((pos + 8, size))
+        pos += 8 + size + (size & 1)
+    return chunks
+
+
+def test_real_mjpg_avi_with_a_corrupt_stretch_is_read_to_the_end(tmp_path, caplog):
+    path = tmp_path / "belt.avi"
+    _write_video(path, 40, "MJPG")
+    data = bytearray(path.read_bytes())
+    chunks = _avi_frame_chunks(bytes(data))
+    assert len(chunks) == 40
+    for offset, size in chunks[15:20]:  # five frames' JPEG data zeroed; the container is intact
+        data[offset:offset + size] = bytes(size)
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="mnet.runtime.sources"), open_source(str(path)) as src:
+        numbers = [_frame_number(c.frame) for c in src]
+    assert numbers == [*range(15), *range(20, 40)]  # before the fix: range(15), then exit as if done
+    assert src.stats.errors >= 1 and "read 35 of the 40 frames" in caplog.text
+
+
+def test_live_source_down_at_start_is_retried_until_it_comes_up():
+    world = _World(refuse_opens=0)
+    calls = {"n": 0}
+
+    def factory(target, api):
+        calls["n"] += 1
+        if calls["n"] <= 3:  # the stream is not up for the first three attempts
+            return type("Down", (), {"isOpened": lambda s: False, "release": lambda s: None})()
+        return world.factory(target, api)
+
+    t = time.monotonic()
+    src = open_source("rtsp://cam.local/live", capture_factory=factory, backoff_s=(0.01, 0.02), open_timeout_s=5)
+    try:
+        assert time.monotonic() - t < 2 and calls["n"] == 4
+        assert src.read(timeout=2.0).ok
+    finally:
+        src.close()
+
+
+def test_live_source_that_stays_down_gives_up_with_one_line_and_no_password(caplog):
+    class Closed:
+        opens = 0
+
+        def __init__(self, *a):
+            Closed.opens += 1
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            pass
+
+    t = time.monotonic()
+    with caplog.at_level(logging.DEBUG, logger="mnet.runtime.sources"), \
+            pytest.raises(SourceError) as info:
+        open_source("rtsp://admin:hunter2@cam.local/live", capture_factory=Closed, backoff_s=(0.02, 0.05),
+                    open_timeout_s=0.3)
+    elapsed, msg = time.monotonic() - t, str(info.value)
+    assert 0.3 <= elapsed < 3 and Closed.opens >= 4
+    assert "\n" not in msg and "cam.local/live" in msg and "cannot connect" in msg and "gave up after" in msg
+    assert "hunter2" not in msg and "hunter2" not in caplog.text
+    with pytest.raises(Exception, match="open_timeout_s"):
+        open_source("0", capture_factory=Closed, open_timeout_s=-1)
+
+
+def test_v4l_by_id_links_are_cameras(tmp_path):
+    by_id = tmp_path / "v4l" / "by-id"
+    by_id.mkdir(parents=True)
+    link = by_id / "usb-Belt_Cam_1234-video-index0"
+    link.symlink_to("/dev/video7")
+    spec = parse_uri(str(link))
+    assert (spec.kind, spec.target, spec.link, spec.live) == ("camera", 7, str(link), True)
+    udev = tmp_path / "belt-cam"  # a udev SYMLINK+= name, itself pointing at the by-id link
+    udev.symlink_to(link)
+    assert parse_uri(f"v4l2://{udev}").target == 7
+    # a camera unplugged at start has no by-id link yet: still a camera (opening retries it)
+    missing = parse_uri("/dev/v4l/by-id/usb-Not_Plugged_In-video-index0")
+    assert (missing.kind, missing.link) == ("camera", "/dev/v4l/by-id/usb-Not_Plugged_In-video-index0")
+    # a link to a video file is still a file
+    _write_video(tmp_path / "clip.avi", 2, "MJPG")
+    (tmp_path / "latest.avi").symlink_to(tmp_path / "clip.avi")
+    assert parse_uri(str(tmp_path / "latest.avi")).kind == "file"
+
+
+def test_camera_that_returns_as_another_device_is_found_through_its_link(tmp_path):
+    link = tmp_path / "usb-Belt_Cam_1234-video-index0"
+    link.symlink_to("/dev/video3")
+    world = _World(fail_reads={10})
+    real_read = _FakeCapture.read
+
+    def unplug_then_replug(cap):
+        ok, frame = real_read(cap)
+        if not ok:  # the camera drops off the bus; it re-enumerates as /dev/video5 a moment later
+            link.unlink()
+            threading.Timer(0.1, lambda: link.symlink_to("/dev/video5")).start()
+        return ok, frame
+
+    capture = type("Replugging", (_FakeCapture,), {"read": unplug_then_replug})
+    src = open_source(str(link), capture_factory=lambda t, a: (world.targets.append(t), capture(world))[1],
+                      backoff_s=(0.02, 0.05), timeout_s=2.0)
+    try:
+        deadline = time.monotonic() + 5
+        while src.stats.read < 30 and time.monotonic() < deadline:
+            src.read()
+        assert src.stats.read >= 30, "frames stopped after the camera came back as /dev/video5"
+        assert world.targets == [3, 5] and src.stats.reconnects == 1
+    finally:
+        src.close()
+
+
+def test_grade_retries_a_source_down_at_start_for_the_configured_time():
+    from mnet.preprocess import Preprocess
+    from mnet.runtime.grader import GradeConfig, grade
+
+    class Closed:
+        opens = 0
+
+        def __init__(self, *a):
+            Closed.opens += 1
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            pass
+
+    class Never:
+        def infer(self, x):
+            raise AssertionError("no frame was ever read")
+
+    for timeout, at_least in ((0.0, 1), (0.3, 2)):
+        Closed.opens = 0
+        with pytest.raises(SourceError, match="cannot connect"):
+            grade(Never(), Preprocess((32, 24)), ["A", "B"], "rtsp://cam.local/live",
+                  GradeConfig(open_timeout_s=timeout, warmup=False), capture_factory=Closed)
+        assert (Closed.opens == 1) if timeout == 0 else (Closed.opens >= at_least)

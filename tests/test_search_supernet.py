@@ -180,6 +180,14 @@ def test_evaluator_modes_score_without_touching_the_supernet(supernet, colour_da
     assert not torch.allclose(scores["running"], scores["recalibrate"])
     with pytest.raises(ConfigError, match="calib_data"):
         Evaluator(supernet, val, 8, bn="recalibrate")
+    # the whole split: one recalibration per arch (not one per minibatch), the same logits on every batch
+    ev = Evaluator(supernet, val, 8, bn="recalibrate", seed=0, calib_data=calib, calib_batches=2)  # 2 batches
+    calls = []
+    ev._recalibrated = lambda a, real=ev._recalibrated: calls.append(a) or real(a)
+    whole = ev.split_score(arch)
+    with torch.no_grad():
+        expect = (child.eval()(val.to_input(val.images)).argmax(1) == torch.as_tensor(val.labels)).float().mean()
+    assert calls == [arch] and whole.accuracy == pytest.approx(float(expect))
 
 
 def test_ops_identical_after_cropping_share_one_module(supernet):

@@ -1,4 +1,4 @@
-"""`mnet calibrate ...`: calibration for a target device (INT8 here; latency tables join this sub-app)."""
+"""`mnet calibrate ...`: calibration for a target device (INT8, the open-set gate; latency tables join this sub-app)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,23 @@ def int8(
     console.print(t)
     if not report.tensorrt_compatible and report.activations == "uint8":
         err.print("note: uint8 activations run on onnxruntime CPU only; TensorRT needs --activations int8")
+
+
+@calibrate_app.command("open-set")
+def open_set(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mnet export onnx`).")],
+    data: Annotated[Path, typer.Argument(help="Dataset whose split calibrates the max-softmax threshold.")],
+    fruit_reject: Annotated[float, typer.Option(help="Share of the split's fruit the threshold may reject.")] = 0.02,
+    adopt: Annotated[bool, typer.Option(help="Turn the threshold on in `mnet grade` (bench/results/foreign.json "
+                                        "measured whether it helps).")] = False,
+    split: Annotated[str, typer.Option(help="Split to calibrate on.")] = "dev",
+) -> None:
+    """Calibrate the grader's open-set gate (max-softmax threshold) and record it in the card's open_set."""
+    from mnet.calibration.open_set import calibrate_open_set
+
+    rec = calibrate_open_set(bundle, data, split=split, fruit_reject=fruit_reject, adopt=adopt)
+    console.print(f"max-softmax threshold {rec['msp_threshold']:.4f} rejects {fruit_reject:.1%} of {split} "
+                  f"(n={rec['n']}); {'adopted' if adopt else 'recorded, not adopted (--adopt turns it on)'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -74,6 +74,8 @@ def conveyor(
     size: Annotated[str, typer.Option(help="Frame size WxH.")] = "640x480",
     speed: Annotated[float, typer.Option(help="Belt speed in pixels per frame (default: chosen from size).")] = 0.0,
     codec: Annotated[str, typer.Option(help="FourCC: mp4v or MJPG.")] = "",
+    foreign: Annotated[int, typer.Option(help="Foreign objects (leaves, gloves, stones, packaging) between the "
+                                         "fruit; truth grade 'foreign'.")] = 0,
 ) -> None:
     """Synthesise a conveyor video of mangoes and its ground truth (OUT.truth.json)."""
     from mnet.cli._common import parse_hw
@@ -84,7 +86,8 @@ def conveyor(
     with progress_bar() as p:
         task = p.add_task("conveyor", total=None, info="")
         info = make_conveyor_video(out, fruits=fruits, seed=seed, fps=fps, size_wh=(w, h), speed_px=speed or None,
-                                   codec=codec, progress=lambda d, t: p.update(task, completed=d, total=t))
+                                   codec=codec, progress=lambda d, t: p.update(task, completed=d, total=t),
+                                   foreign=foreign)
     console.print(f"wrote {out} ({info.get('frames')} frames) and its truth file")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mnet.cli._common import console, err, print_json
@@ -49,7 +50,7 @@ def onnx_cmd(
 def tensorrt_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mnet export onnx`).")],
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (int8 needs `mnet calibrate int8` first).")] = "fp32",
-    max_batch: Annotated[int, typer.Option(help="Largest batch the engine takes (profile 1..N, optimised for N).")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Largest batch the engine takes (profile 1..N, optimised for N; --dla: exactly N, smaller batches padded).")] = 8,
     workspace_mb: Annotated[int, typer.Option(help="Builder workspace limit in MiB.")] = 1024,
     timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file to read and update "
                                                               "(faster rebuilds).")] = None,
@@ -105,6 +106,9 @@ def show(
         t.add_row(f"metrics.{key}", _brief(value))
     for key, value in c.latency.items():
         t.add_row(f"latency.{key}", _brief(value))
+    for key, value in c.precision_choice.items():
+        t.add_row(f"precision_choice.{key}", f"{value['chosen']} (" + ", ".join(
+            f"{p} {ms:.3g} ms" for p, ms in value["measured"].items()) + f"; {value.get('measured_at', '')})")
     t.add_row("source", f"{c.source.get('checkpoint')} (sha256 {str(c.source.get('sha256'))[:12]}…)")
     t.add_row("tools", ", ".join(f"{k} {v}" for k, v in c.tools.items()))
     files = [p.name for p in (b.onnx_path, b.int8_path, b.fp16_path) if p.is_file()]
@@ -119,17 +123,47 @@ def show(
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt or torch.")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
+    precision: Annotated[Optional[str], typer.Option(help="fp32 (default), fp16 or int8.")] = None,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime CPU threads.")] = None,
-    seconds: Annotated[float, typer.Option(help="Time at least this long.")] = 1.0,
+    seconds: Annotated[float, typer.Option(help="Time at least this long (--all: per precision, over all "
+                                                "rounds).")] = 1.0,
+    all_precisions: Annotated[bool, typer.Option("--all", help="Measure every precision the bundle has on this "
+                                                 "backend and device, side by side, and record the fastest within "
+                                                 "the accuracy tolerance for `mnet grade --precision auto`.")] = False,
+    rounds: Annotated[int, typer.Option(help="--all: interleaved rounds; each precision's p50 is the median of "
+                                             "its round medians.")] = 5,
+    tolerance: Annotated[Optional[float], typer.Option(help="--all: largest accuracy drop vs fp32, in points, "
+                                                            "of a precision that may be chosen (default 0.5, "
+                                                            "the INT8 target).")] = None,
 ) -> None:
     """Measure the model's latency on this machine and record it in the card (card.latency)."""
-    from mnet.runtime.benchmark import measure_bundle
+    from mnet.errors import ConfigError
+    from mnet.runtime.benchmark import ACCURACY_TOLERANCE_POINTS, measure_bundle, measure_precisions
 
-    key, v = measure_bundle(bundle, backend, precision, batch, threads=threads, min_seconds=seconds)
-    console.print(f"{key}: p50 {v['p50_ms']:.3f} ms, p90 {v['p90_ms']:.3f} ms over {v['n']} runs on {v['device']} "
-                  f"→ {bundle / 'mnet.json'}")
+    if not all_precisions:
+        key, v = measure_bundle(bundle, backend, precision or "fp32", batch, threads=threads, min_seconds=seconds)
+        console.print(f"{key}: p50 {v['p50_ms']:.3f} ms, p90 {v['p90_ms']:.3f} ms over {v['n']} runs on "
+                      f"{v['device']} → {bundle / 'mnet.json'}")
+        return
+    if precision is not None:
+        raise ConfigError(f"--all measures every precision; drop --precision {precision}")
+    with err.status(f"timing every precision of {bundle} in {rounds} rounds …"):
+        key, e = measure_precisions(bundle, backend, batch, threads=threads, rounds=rounds, min_seconds=seconds,
+                                    tolerance=ACCURACY_TOLERANCE_POINTS if tolerance is None else tolerance)
+    t = Table(title=f"{key}, batch {batch}")
+    for col in ("precision", "p50 ms", "vs fp32", "accuracy drop", ""):
+        t.add_column(col, justify="left" if col in ("precision", "") else "right")
+    for p, ms in e["measured"].items():
+        drop = e["accuracy_drop"].get(p)
+        note = "chosen" if p == e["chosen"] else e["ineligible"].get(p, "slower")
+        t.add_row(p, f"{ms:.3f}", f"{e['measured']['fp32'] / ms:.2f}×", "-" if drop is None else f"{drop:+.2f}",
+                  escape(note))
+    for p, why in e["unavailable"].items():
+        t.add_row(p, "-", "-", "-", escape(f"not measured: {why}"))
+    console.print(t)
+    console.print(f"precision auto → {e['chosen']} (tolerance {e['tolerance_points']:g} points) "
+                  f"→ {bundle / 'mnet.json'}", highlight=False)
 
 
 def _brief(value) -> str:

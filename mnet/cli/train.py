@@ -69,6 +69,9 @@ def train(
         def run(**kw):
             return train_baseline(data, model, out, cfg, input_size=input_size, pretrained=pretrained, **kw)
     splits = _load_with_progress(data, pre, strict)
+    if arch is not None and len(splits["train"].classes) != a.num_classes:  # train() sets the head from the data
+        console.print(f"{arch}: {a.num_classes}-class head; training with {len(splits['train'].classes)} "
+                      f"(the classes of {data})", highlight=False, markup=False)
     with progress_bar() as p:
         task = p.add_task("train", total=epochs, info="")
         step_task = p.add_task("  epoch", total=None, info="")
