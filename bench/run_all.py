@@ -22,8 +22,10 @@ SCRIPTS = [
     ("inference.py", []),
     ("latency_predictor.py", []),
     ("runtime.py", []),
-    ("faults.py", []),
-    ("foreign.py", []),  # issue 14 item 13: trains a tiny bundle first, then two conveyor seeds  # issue 14's fault-injection bench: about 1 min (real time: processes, broker, camera)
+    ("faults.py", []),  # issue 14's fault-injection bench: about 1 min (real time: processes, broker, camera)
+    ("foreign.py", ["--seeds", "2026,2027"]),  # issue 14 item 13: trains a tiny bundle first (minutes)
+    ("live_view.py", []),  # issue 15: the cost of `mnet grade --serve`
+    ("lanes.py", []),  # issue 15 item 1: concurrent 30-fps camera lanes in one process (3-4 min)
     ("search_quality.py", []),
     ("controller_planted.py", []),
     ("search_real.py", []),  # Fashion-MNIST: about an hour on this 2-core CPU
@@ -57,10 +59,20 @@ ROWS = {
                 "video, clock step, camera unplug): rows with 0 keepable lost, 0 duplicates, right exit, no secret",
                 "rows_meeting_targets", "all"),
                ("… rows that miss a target", "rows_failing", None)],
+    "live_view": [("Live view (--serve) CPU cost per frame, no viewer (%)", "accounted_cost_pct.no_viewer", "≈ 0"),
+                  ("… one viewer connected (%)", "accounted_cost_pct.one_viewer", "≤ 5")],
+    "lanes": [("Concurrent 640×480 30-fps camera lanes graded in one process, no dropped frame, every fruit "
+               "(mnet-24-32, ORT CPU, 3 views/fruit)", "lanes", "≥ 8"),
+              ("… their aggregate fps", "aggregate_fps", None),
+              ("… frame p99 of the slowest lane (ms; every lane's in the JSON)", "frame_p99_ms_max", None),
+              ("… batching gain: inference CPU ms per view, one call per crop ÷ shared batched worker",
+               "batching_gain.value", None),
+              ("… INT8 vs fp32 on those lanes", "int8_over_fp32", None)],
     "foreign": [("Foreign objects rejected (leaves, gloves, stones, packaging; conveyor seed not tuned on)",
                  "foreign_rejected", "≥ 0.9"),
                 ("… fruit rejected", "fruit_rejected", "≤ 0.05")],
-    "search_quality": [("ENAS pick test accuracy (tiny, synthetic)", "enas_test_acc", None),
+    "search_quality": [("ENAS pick test accuracy (tiny, synthetic; measured before issue 13's search changes, "
+                        "superseded by the Fashion-MNIST rows)", "enas_test_acc", None),
                        ("Random-search pick test accuracy", "random_test_acc", None),
                        ("Kendall τ supernet rank vs standalone", "kendall_tau", None)],
     "controller_planted": [("Planted reward: optimum's ops found by the default controller in 5000 samples (of 4; "

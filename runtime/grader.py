@@ -266,6 +266,7 @@ class _Job:
     infer_errors: int = 0  # calls that raised (retries included)
     nonfinite: int = 0  # NaN/Inf rows (retries included)
     failure: str = ""  # why the last failed attempt failed
+    row_nonfinite: np.ndarray | None = None  # (N,) NaN/Inf answers per row: a shared batch is split by it
 
 
 class _Worker:
@@ -340,7 +341,7 @@ class _Worker:
             except queue.Empty:
                 if not (wait and not out):
                     break
-                if not self._thread.is_alive() and self._results.empty():
+                if not self.alive and self._results.empty():
                     raise BackendError("the inference worker stopped with backend calls in flight")
                 continue
             self.in_flight -= 1
@@ -358,6 +359,59 @@ class _Worker:
             self._jobs.put_nowait(None)
         # A call already running cannot be interrupted; the thread is a daemon, so it never blocks exit.
         self._thread.join(timeout=5.0)
+
+
+class _Inference:
+    """Fills a job's probs and ok: one backend call per max_batch slice, each retried once. Runs on the
+    worker thread; one instance per worker, so the count of failed calls in a row is the worker's."""
+
+    def __init__(self, backend: Backend, classes: Sequence[str], max_batch: int | None,
+                 max_consecutive_failures: int) -> None:
+        self.backend, self.classes, self.max_batch = backend, tuple(classes), max_batch
+        self.max_consecutive_failures = max_consecutive_failures
+        self._failed_calls = 0  # backend calls in a row without a finite row
+
+    def __call__(self, job: _Job) -> None:
+        n, step = len(job.x), self.max_batch or len(job.x)
+        job.probs = np.full((n, len(self.classes)), np.nan, np.float32)  # NaN: a dropped row is never a vote
+        job.ok = np.zeros(n, bool)
+        job.row_nonfinite = np.zeros(n, np.int32)
+        for i in range(0, n, step):
+            self._call(job, slice(i, min(i + step, n)))
+
+    def _call(self, job: _Job, rows: slice) -> None:
+        """One backend call, retried once if it raises or returns NaN/Inf rows; a row still not finite
+        stays dropped (job.ok False). Too many calls in a row without a finite row: BackendError."""
+        x, name = job.x[rows], self.backend.name
+        probs, ok = job.probs[rows], job.ok[rows]  # views: filled in place
+        cause: Exception | None = None
+        for _ in range(2):
+            try:
+                out = np.asarray(self.backend.infer(x))
+            except Exception as e:  # noqa: BLE001 -- whatever the backend raises costs this call's views only
+                job.infer_errors += 1
+                job.failure, cause = f"{type(e).__name__}: {e}", e
+                continue
+            if out.shape != (len(x), len(self.classes)):  # a wrong model, not a fault a retry mends
+                raise BackendError(f"backend {name!r} returned shape {out.shape} for a batch of {len(x)}; "
+                                   f"expected ({len(x)}, {len(self.classes)}) for classes {list(self.classes)}")
+            finite = np.isfinite(out).all(axis=1)
+            job.nonfinite += int((~finite).sum())
+            job.row_nonfinite[rows] += ~finite
+            take = finite & ~ok  # a row good on the first try keeps its first answer
+            probs[take] = out[take]
+            ok |= finite
+            if ok.all():
+                break
+            job.failure = f"{int((~finite).sum())} of {len(x)} rows NaN/Inf"
+        if ok.any():
+            self._failed_calls = 0
+            return
+        self._failed_calls += 1
+        if self._failed_calls >= self.max_consecutive_failures:
+            raise BackendError(f"backend {name!r} failed on a batch of {len(x)}: {job.failure} ({self._failed_calls} "
+                               "call(s) in a row, each retried once, without a finite result); check the device "
+                               "and the model") from cause
 
 
 class _Tracker(Tracker):
@@ -391,17 +445,20 @@ class Grader:
 
     Owns an inference worker thread: call close() (or use it as a context manager) when done.
     `block_views=False` (live sources) skips an optional view when the worker is busy.
+    `worker`: an inference worker shared with other graders instead (runtime/lanes.py: one backend call
+    batches the crops of several lanes); `lane` goes into every event.
     """
 
     def __init__(self, backend: Backend, preprocess: Preprocess, classes: Sequence[str],
                  config: GradeConfig = GradeConfig(), *, model: str = "", source: str = "",
-                 localizer: Localizer | None = None, block_views: bool = True) -> None:
+                 localizer: Localizer | None = None, block_views: bool = True, worker: _Worker | None = None,
+                 lane: int = 0) -> None:
         if not classes or len(set(classes)) != len(classes):
             raise ConfigError(f"classes = {list(classes)!r}: expected distinct class names")
         self.backend, self.preprocess, self.config = backend, preprocess, config
         self.classes = tuple(str(c) for c in classes)
         self.model, self.source = model, redact(source)  # a caller's own URI may hold a password
-        self.block_views = block_views
+        self.block_views, self.lane = block_views, lane
         # Injectable so another detector (or a test's recording wrapper) can stand in for the HSV one.
         self.localizer = localizer if localizer is not None else Localizer(config.localize)
         self._aspect = preprocess.input_hw[1] / preprocess.input_hw[0]  # crops match the model input
@@ -420,7 +477,6 @@ class Grader:
         self.nonfinite_outputs = 0
         self.views_failed = 0
         self.fruit_failed = 0
-        self._failed_calls = 0  # backend calls in a row without a finite row; the worker thread's own
         self._last_drop_warn = -1e9
         self._dropped_since_warn = 0
         self.grades: dict[str, int] = {c: 0 for c in self.classes}
@@ -431,7 +487,9 @@ class Grader:
         self._wait_ms = 0.0  # this frame's wait for a place in the queue
         self._pending: dict[int, int] = {}  # uid → views in flight
         self._due: collections.deque[list] = collections.deque()  # [uid] or [None, job] in exit order
-        self._worker = _Worker(self._infer, config.queue_depth)
+        self._worker = worker if worker is not None else _Worker(
+            _Inference(backend, self.classes, config.max_batch, config.max_consecutive_failures),
+            config.queue_depth)
 
     def __enter__(self) -> Grader:  # noqa: PYI034 -- typing.Self needs 3.11
         return self
@@ -457,47 +515,6 @@ class Grader:
             raise BackendError(f"backend {self.backend.name!r} returns rows summing to {probs.sum(axis=1)}, "
                                "not probabilities; the backend must apply softmax")
 
-    def _infer(self, job: _Job) -> None:
-        """Fills job.probs and job.ok, one backend call per max_batch slice. Runs on the worker thread."""
-        n, step = len(job.x), self.config.max_batch or len(job.x)
-        job.probs = np.full((n, len(self.classes)), np.nan, np.float32)  # NaN: a dropped row is never a vote
-        job.ok = np.zeros(n, bool)
-        for i in range(0, n, step):
-            self._call(job, slice(i, min(i + step, n)))
-
-    def _call(self, job: _Job, rows: slice) -> None:
-        """One backend call, retried once if it raises or returns NaN/Inf rows; a row still not finite
-        stays dropped (job.ok False). Too many calls in a row without a finite row: BackendError."""
-        x, name = job.x[rows], self.backend.name
-        probs, ok = job.probs[rows], job.ok[rows]  # views: filled in place
-        cause: Exception | None = None
-        for _ in range(2):
-            try:
-                out = np.asarray(self.backend.infer(x))
-            except Exception as e:  # noqa: BLE001 -- whatever the backend raises costs this call's views only
-                job.infer_errors += 1
-                job.failure, cause = f"{type(e).__name__}: {e}", e
-                continue
-            if out.shape != (len(x), len(self.classes)):  # a wrong model, not a fault a retry mends
-                raise BackendError(f"backend {name!r} returned shape {out.shape} for a batch of {len(x)}; "
-                                   f"expected ({len(x)}, {len(self.classes)}) for classes {list(self.classes)}")
-            finite = np.isfinite(out).all(axis=1)
-            job.nonfinite += int((~finite).sum())
-            take = finite & ~ok  # a row good on the first try keeps its first answer
-            probs[take] = out[take]
-            ok |= finite
-            if ok.all():
-                break
-            job.failure = f"{int((~finite).sum())} of {len(x)} rows NaN/Inf"
-        if ok.any():
-            self._failed_calls = 0
-            return
-        self._failed_calls += 1
-        if self._failed_calls >= self.config.max_consecutive_failures:
-            raise BackendError(f"backend {name!r} failed on a batch of {len(x)}: {job.failure} ({self._failed_calls} "
-                               "call(s) in a row, each retried once, without a finite result); check the device "
-                               "and the model") from cause
-
     def _check(self, job: _Job) -> None:
         if job.error is not None:
             e = job.error
@@ -510,7 +527,7 @@ class Grader:
         e = GradeEvent.from_probs(v.fruit_id, dict(zip(self.classes, v.probs.tolist())), frames=v.frames,
                                   views=v.voted_frames, first_ts=v.first_ts, last_ts=v.last_ts,
                                   source=self.source, model=self.model, run_id=self.run_id,
-                                  reason=self.gate.decide(uid, v.probs))
+                                  reason=self.gate.decide(uid, v.probs), lane=self.lane)
         self.graded += 1
         self.grades[e.grade] = self.grades.get(e.grade, 0) + 1  # "reject" joins the classes when it happens
         self.last_event = e

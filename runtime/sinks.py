@@ -1,4 +1,5 @@
-"""Where grade events go: JSONL (the default record), CSV, a stream, MQTT, and an annotated video.
+"""Where grade events go: JSONL (the default record), CSV, a stream, MQTT, and an annotated video
+(a file, or an rtp:// / rtsp:// network stream where OpenCV has GStreamer).
 
 Every sink has the same small face — `write(event)`, `frame(image, info)` for the ones that want
 every frame (the video writer), `start(classes)` before the first frame, `close()` — and `Sinks`
@@ -24,7 +25,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -49,9 +50,14 @@ __all__ = [
     "Sinks",
     "StreamSink",
     "VideoSink",
+    "VideoStreamSink",
     "annotate",
+    "is_stream_uri",
     "open_sinks",
     "parse_mqtt_uri",
+    "parse_stream_uri",
+    "pick_encoder",
+    "stream_pipeline",
 ]
 
 _log = logging.getLogger(__name__)
@@ -101,8 +107,8 @@ class _Slot:
 
 
 def _label(sink: Any) -> str:
-    # Only a file path, never a URI: an MQTT URI may carry a password.
-    path = getattr(sink, "path", None)
+    # A file path or a redacted URI (`shown`), never a raw URI: MQTT and RTSP URIs may carry a password.
+    path = getattr(sink, "shown", None) or getattr(sink, "path", None)
     return f"{sink.name} {path}" if path is not None else f"{sink.name}"
 
 
@@ -830,16 +836,234 @@ class VideoSink(Sink):
             self._writer = None
 
 
+# ------------------------------------------------------------------------------------ network video
+
+STREAM_SCHEMES = ("rtp", "rtsp")
+STREAM_SIZE = (1280, 720)  # the stream's fixed frame size unless told: a network stream cannot change size
+_HW_ENCODER = "nvv4l2h264enc"  # Jetson's hardware H.264 encoder (JetPack); x264enc (CPU) otherwise
+_SW_ENCODER = "x264enc"
+_GST_HELP = ("network video (rtp://, rtsp://) needs OpenCV built with GStreamer; on a Jetson use the JetPack "
+             "OpenCV (sudo apt install python3-opencv, and pip uninstall opencv-python-headless in this "
+             "environment), or save to a file (--save annotated.mp4)")
+
+
+def is_stream_uri(target: str | os.PathLike) -> bool:
+    """Whether a --save target is a network stream (rtp://, rtsp://) rather than a video file."""
+    scheme, sep, _ = str(target).partition("://")
+    return bool(sep) and scheme.lower() in STREAM_SCHEMES
+
+
+def parse_stream_uri(uri: str) -> tuple[str, str, int | None]:
+    """rtp://HOST:PORT or rtsp://[user[:password]@]HOST[:PORT]/PATH → (scheme, host, port).
+
+    The port of an rtp:// URI is required (a UDP stream has no default one); the path of an rtsp://
+    URI names the stream on the server it is pushed to (mediamtx: any name).
+    """
+    shown = redact(uri)
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in STREAM_SCHEMES:
+        raise ConfigError(f"save = {shown!r}: expected rtp://HOST:PORT or rtsp://HOST[:PORT]/PATH for a network "
+                          "stream, or a video file (annotated.mp4)")
+    # The URI goes into a GStreamer pipeline: whitespace, quotes or '!' there would change the pipeline.
+    if any(ch.isspace() or ch in "\"'!" for ch in uri):
+        raise ConfigError(f"save = {shown!r}: whitespace, quotes and '!' are not allowed in a stream URI; "
+                          "percent-encode them (%20, %22, %21)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # not a number, or out of 0..65535
+    if not parts.hostname:
+        raise ConfigError(f"save = {shown!r}: needs a host, e.g. {scheme}://192.168.1.20:"
+                          f"{'5000' if scheme == 'rtp' else '8554/belt'}")
+    if port == -1 or port == 0 or (port is None and scheme == "rtp"):
+        raise ConfigError(f"save = {shown!r}: needs a port 1-65535"
+                          + (", e.g. rtp://192.168.1.20:5000" if scheme == "rtp" else ", e.g. :8554"))
+    if scheme == "rtp" and (parts.path.strip("/") or parts.query or parts.username):
+        raise ConfigError(f"save = {shown!r}: rtp:// takes only HOST:PORT (the receiver's address)")
+    if scheme == "rtsp" and not parts.path.strip("/"):
+        raise ConfigError(f"save = {shown!r}: needs a stream path, e.g. rtsp://HOST:8554/belt")
+    return scheme, parts.hostname, port
+
+
+def _gst_element_exists(name: str) -> bool:
+    """Whether GStreamer has element `name`: through python gi when importable, else gst-inspect-1.0."""
+    try:
+        import gi
+
+        gi.require_version("Gst", "1.0")
+        from gi.repository import Gst
+
+        Gst.init(None)
+        return Gst.ElementFactory.find(name) is not None
+    except (ImportError, ValueError):
+        pass
+    import shutil
+    import subprocess
+
+    tool = shutil.which("gst-inspect-1.0")
+    if tool is None:
+        return False
+    try:
+        return subprocess.run([tool, "--exists", name], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def pick_encoder() -> str:
+    """nvv4l2h264enc where it exists (a Jetson: the encoder block, no CPU taken from grading), else x264enc."""
+    return _HW_ENCODER if _gst_element_exists(_HW_ENCODER) else _SW_ENCODER
+
+
+def stream_pipeline(uri: str, fps: float, size: tuple[int, int], encoder: str = _SW_ENCODER,
+                    bitrate_kbps: int = 4000) -> str:
+    """The GStreamer pipeline a cv2.VideoWriter turns BGR frames into an H.264 network stream with.
+
+    rtp:// → RTP/UDP to HOST:PORT (play: a .sdp file or `gst-launch-1.0 udpsrc port=PORT ! ...`);
+    rtsp:// → pushed with rtspclientsink to an RTSP server (e.g. mediamtx) that viewers then read from.
+    """
+    scheme, host, port = parse_stream_uri(uri)
+    w, h = (int(v) for v in size)
+    if w <= 0 or h <= 0 or not fps > 0:
+        raise ConfigError(f"stream size {size!r} at {fps!r} fps: expected width, height and fps > 0")
+    gop = max(1, round(fps))  # a keyframe every second: a viewer joining late waits at most that long
+    if encoder == _HW_ENCODER:
+        # The Jetson encoder reads NVMM buffers: nvvidconv copies the frame there (BGRx: it takes no BGR).
+        enc = (f"videoconvert ! video/x-raw,format=BGRx ! nvvidconv ! video/x-raw(memory:NVMM),format=I420 ! "
+               f"{_HW_ENCODER} bitrate={bitrate_kbps * 1000} iframeinterval={gop} idrinterval={gop} "
+               "insert-sps-pps=true")
+    elif encoder == _SW_ENCODER:
+        # zerolatency: no B-frames nor lookahead, so a frame leaves as soon as it is encoded.
+        enc = (f"videoconvert ! video/x-raw,format=I420 ! {_SW_ENCODER} tune=zerolatency speed-preset=ultrafast "
+               f"bitrate={bitrate_kbps} key-int-max={gop}")
+    else:
+        raise ConfigError(f"stream encoder = {encoder!r}: expected {_HW_ENCODER} or {_SW_ENCODER}")
+    # No caps on appsrc: OpenCV's writer sets them (BGR, the size and fps it was opened with).
+    head = f"appsrc is-live=true ! queue ! {enc} ! h264parse"
+    if scheme == "rtp":
+        # sync=false: frames go out as they are graded, never held back by the sink's clock.
+        return f"{head} ! rtph264pay config-interval=1 pt=96 ! udpsink host={host} port={port} sync=false async=false"
+    return f'{head} ! rtspclientsink location="{uri}" latency=0'
+
+
+def _letterbox(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`img` scaled into `size` (w, h) keeping its aspect, on black: the stream's size is fixed, sources' are not."""
+    w, h = size
+    ih, iw = img.shape[:2]
+    if (iw, ih) == (w, h):
+        return img
+    s = min(w / iw, h / ih)
+    nw, nh = max(1, round(iw * s)), max(1, round(ih * s))
+    out = np.zeros((h, w, 3), np.uint8)
+    x, y = (w - nw) // 2, (h - nh) // 2
+    out[y:y + nh, x:x + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return out
+
+
+RTSP_PORT = 554  # RFC 2326's default; mediamtx listens on 8554
+
+
+def _tcp_listening(host: str, port: int, timeout_s: float = 3.0) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _default_writer_factory(pipeline: str, fps: float, size: tuple[int, int]) -> Any:
+    # fourcc 0: the pipeline names the encoder. The (filename, apiPreference, fourcc, fps, size, isColor)
+    # overload is the same in OpenCV 4.x and 5.x.
+    return cv2.VideoWriter(pipeline, cv2.CAP_GSTREAMER, 0, float(fps), size, True)
+
+
+WriterFactory = Callable[[str, float, tuple[int, int]], Any]
+
+
+class VideoStreamSink(Sink):
+    """The annotated video as an H.264 network stream (rtp://HOST:PORT, rtsp://HOST:PORT/PATH), through
+    OpenCV's GStreamer writer — what jetson-inference's videoOutput does for its network outputs.
+
+    Opened here, not at the first frame: without GStreamer, or when the pipeline does not start (no
+    RTSP server listening, a missing encoder), the run stops before grading with one line naming the
+    URI (password redacted). Frames are BGR, letterboxed to the fixed `size`; fps (default 30) is the
+    rate the stream declares, the grader's own pace sets when frames go out. writer_factory(pipeline,
+    fps, size) builds the writer (tests inject a double; then GStreamer is not checked). check_server:
+    whether an rtsp:// server must accept a TCP connection at open (default: with the real writer).
+    """
+
+    name = "stream"
+    wants_frames = True
+
+    def __init__(self, uri: str, *, fps: float | None = None, size: tuple[int, int] | None = None,
+                 encoder: str | None = None, writer_factory: WriterFactory | None = None,
+                 check_server: bool | None = None) -> None:
+        self.scheme, self.host, self.port = parse_stream_uri(uri)
+        self.shown = redact(uri)  # what logs, errors and the summary may show
+        self.fps = float(fps or 30.0)
+        self.size = tuple(int(v) for v in (size or STREAM_SIZE))
+        real_writer = writer_factory is None
+        if writer_factory is None:
+            from mnet.runtime.sources import has_gstreamer  # sources imports cv2 only: no cycle, kept local
+
+            if not has_gstreamer():
+                raise ConfigError(f"save = {self.shown!r}: this OpenCV ({cv2.__version__}) was built without "
+                                  f"GStreamer; {_GST_HELP}")
+            writer_factory = _default_writer_factory
+        if self.scheme == "rtsp" and check_server is not False and (check_server or real_writer):
+            # rtspclientsink connects only once frames flow: OpenCV reports the writer open with no server
+            # there and then only warns at every frame, so the server is checked here, before grading.
+            port = self.port or RTSP_PORT
+            if not _tcp_listening(self.host, port):
+                raise ConfigError(f"save = {self.shown!r}: no RTSP server listening at {self.host}:{port}; start "
+                                  "one to push the stream to (e.g. mediamtx, which listens on 8554) and check the "
+                                  "host and port")
+        self.encoder = encoder or pick_encoder()
+        pipeline = stream_pipeline(uri, self.fps, self.size, self.encoder)
+        self.pipeline = redact(pipeline)
+        try:
+            writer = writer_factory(pipeline, self.fps, self.size)
+        except cv2.error as e:
+            writer, why = None, f" ({redact(str(e)).splitlines()[0] if str(e) else 'cv2.error'})"
+        else:
+            why = ""
+        if writer is None or not writer.isOpened():
+            if writer is not None:
+                writer.release()
+            server = "; for rtsp:// an RTSP server (e.g. mediamtx) must be listening there" \
+                if self.scheme == "rtsp" else ""
+            raise ConfigError(f"save = {self.shown!r}: GStreamer could not start the stream pipeline{why}{server}; "
+                              f"test it with gst-launch-1.0 (videotestsrc in place of appsrc): {self.pipeline}")
+        self._writer = writer
+        self.frames = 0
+
+    def write(self, event: GradeEvent) -> None:
+        """Events are drawn from the frame info; nothing to do per event."""
+
+    def frame(self, image: np.ndarray, info: FrameInfo) -> None:
+        img = _letterbox(annotate(image, info), self.size)
+        self._writer.write(np.ascontiguousarray(img))
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()  # sends EOS: an RTSP server sees the publisher leave cleanly
+            self._writer = None
+
+
 def open_sinks(*, events: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None,
                mqtt: str | None = None, save: str | os.PathLike | None = None,
                stream: TextIO | None = None, append: bool = True,
-               video_fps: float | None = None, classes: Sequence[str] | None = None,
+               video_fps: float | None = None, video_size: tuple[int, int] | None = None,
+               classes: Sequence[str] | None = None,
                fsync_each: bool = False, raise_on_close: bool = True,
                mqtt_spool: str | os.PathLike | None = None, mqtt_password_file: str | os.PathLike | None = None,
                mqtt_client_id: str | None = None) -> Sinks:
     """Build the fan-out the CLI options describe; on a failure, closes what was already opened.
 
-    classes: the model's, when known; a CSV whose header does not match is refused here, before the
+    save: a video file, or rtp://HOST:PORT / rtsp://HOST:PORT/PATH for a network stream (GStreamer; its
+    fixed frame size is video_size, default STREAM_SIZE). classes: the model's, when known; a CSV whose header does not match is refused here, before the
     JSONL is opened. fsync_each: the JSONL fsyncs every event (otherwise at close). raise_on_close:
     see `Sinks`.
     """
@@ -860,7 +1084,8 @@ def open_sinks(*, events: str | os.PathLike | None = None, csv_path: str | os.Pa
             # (bench/faults.py, sigkill_restart, missed 1 run in 4 with the JSONL first).
             opened.insert(0 if mqtt_spool is not None else len(opened), sink)
         if save is not None:
-            opened.append(VideoSink(save, fps=video_fps))
+            opened.append(VideoStreamSink(str(save), fps=video_fps, size=video_size) if is_stream_uri(save)
+                          else VideoSink(save, fps=video_fps))
     except BaseException:
         Sinks(opened).close()  # their close errors are only logged: the open error is the one to report
         raise

@@ -152,3 +152,45 @@ def test_grade_cli_fsync_help_names_both_choices():
     opt = typing.get_type_hints(grade_cmd.grade, include_extras=True)["fsync"].__metadata__[0]
     assert "'every'" in opt.help and "'exit'" in opt.help
     assert main(["grade", "b", "--source", "0", "--fsync", "sometimes"]) == 2  # not a choice: a usage error
+
+
+def test_grade_cli_stream_without_gstreamer_is_one_redacted_line_before_any_event(fake_grade, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import mnet.runtime.sources
+
+    monkeypatch.setattr(mnet.runtime.sources, "has_gstreamer", lambda: False)  # the PyPI OpenCV; not Jetson's
+    rc = fake_grade("--events", str(tmp_path / "e.jsonl"), "--save", "rtsp://op:hunter2@mtx:8554/belt")
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and "Traceback" not in stderr and len(errors) == 1 and "hunter2" not in stderr
+    # the URI reached the sink whole (a Path would have folded "//"), redacted
+    assert "rtsp://op:***@mtx:8554/belt" in errors[0] and "GStreamer" in errors[0]
+    assert not (tmp_path / "e.jsonl").exists() or (tmp_path / "e.jsonl").read_text() == ""
+
+
+def test_grade_cli_streams_frames_through_the_gstreamer_writer(fake_grade, tmp_path, monkeypatch):
+    import mnet.runtime.sinks
+    import mnet.runtime.sources
+
+    class Writer:
+        def __init__(self, pipeline, api, fourcc, fps, size, colour):
+            self.pipeline, self.size, self.shapes = pipeline, size, []
+            made.append(self)
+
+        def isOpened(self):
+            return True
+
+        def write(self, img):
+            self.shapes.append(img.shape)
+
+        def release(self):
+            pass
+
+    made: list[Writer] = []
+    monkeypatch.setattr(mnet.runtime.sources, "has_gstreamer", lambda: True)  # as Jetson's OpenCV
+    monkeypatch.setattr(mnet.runtime.sinks.cv2, "VideoWriter", Writer)
+    monkeypatch.setattr(mnet.runtime.sinks, "pick_encoder", lambda: "x264enc")
+    rc = fake_grade("--events", str(tmp_path / "e.jsonl"), "--save", "rtp://127.0.0.1:5000", "--input-size", "64x48")
+    assert rc == 0 and len(made) == 1
+    assert made[0].pipeline.endswith("udpsink host=127.0.0.1 port=5000 sync=false async=false")
+    assert made[0].size == (64, 48) and made[0].shapes == [(48, 64, 3)] * 3

@@ -28,9 +28,13 @@ from mnet.runtime.sinks import (
     SinkError,
     Sinks,
     VideoSink,
+    VideoStreamSink,
     annotate,
+    is_stream_uri,
     open_sinks,
     parse_mqtt_uri,
+    parse_stream_uri,
+    stream_pipeline,
 )
 from mnet.runtime.tracker import TrackView
 
@@ -381,6 +385,143 @@ def test_annotate_draws_the_header_and_last_text_once():
         rows = slice(org[1] - th - 2, org[1] + base + 1)
         assert (img[rows, org[0] - 2:org[0] + tw + 3] == ref[rows, org[0] - 2:org[0] + tw + 3]).all(), text
         assert (img[rows, org[0] + tw + 4:] == 90).all(), text  # nothing drawn past the text's own width
+
+
+# ---------------------------------------------------------------------------------- network video
+
+
+def test_stream_pipeline_for_rtp_and_rtsp():
+    rtp = stream_pipeline("rtp://192.168.1.20:5000", 30, (640, 480), "x264enc")
+    assert rtp.startswith("appsrc ")
+    assert "x264enc tune=zerolatency" in rtp and "key-int-max=30" in rtp
+    assert rtp.endswith("h264parse ! rtph264pay config-interval=1 pt=96 ! udpsink host=192.168.1.20 port=5000 "
+                        "sync=false async=false")
+    rtsp = stream_pipeline("rtsp://cam:pw@10.0.0.5:8554/belt", 25, (1280, 720), "nvv4l2h264enc")
+    assert "nvvidconv ! video/x-raw(memory:NVMM),format=I420 ! nvv4l2h264enc bitrate=4000000" in rtsp
+    assert "iframeinterval=25" in rtsp and "x264enc" not in rtsp and "udpsink" not in rtsp
+    assert rtsp.endswith('h264parse ! rtspclientsink location="rtsp://cam:pw@10.0.0.5:8554/belt" latency=0')
+    with pytest.raises(ConfigError, match="encoder"):
+        stream_pipeline("rtp://h:5000", 30, (640, 480), "vp8enc")
+    with pytest.raises(ConfigError, match="size"):
+        stream_pipeline("rtp://h:5000", 30, (0, 480))
+
+
+@pytest.mark.parametrize("uri, why", [
+    ("rtp://:5000", "needs a host"),
+    ("rtp://host", "needs a port"),
+    ("rtp://host:0", "needs a port"),
+    ("rtp://host:70000", "needs a port"),
+    ("rtp://host:port", "needs a port"),
+    ("rtsp://host:99999/belt", "needs a port"),
+    ("rtp://host:5000/path", "only HOST:PORT"),
+    ("rtsp://host:8554", "stream path"),
+    ("rtsp://host:8554/a b", "whitespace"),
+    ("rtsp://host:8554/x ! filesink location=/etc/x", "whitespace"),
+    ("http://host:80/x", "expected rtp://"),
+])
+def test_stream_uri_validation(uri, why):
+    with pytest.raises(ConfigError, match=why) as e:
+        parse_stream_uri(uri)
+    assert "\n" not in str(e.value)
+
+
+def test_stream_uri_parsing_and_detection():
+    assert parse_stream_uri("rtp://10.0.0.2:5000") == ("rtp", "10.0.0.2", 5000)
+    assert parse_stream_uri("rtsp://u:p@server/belt") == ("rtsp", "server", None)  # the RTSP default port
+    assert is_stream_uri("rtp://h:1") and is_stream_uri("RTSP://h/x")
+    assert not is_stream_uri("annotated.mp4") and not is_stream_uri(Path("out/rtp.mp4"))
+
+
+def test_stream_without_gstreamer_is_one_redacted_line_at_open(monkeypatch):
+    import mnet.runtime.sources
+
+    monkeypatch.setattr(mnet.runtime.sources, "has_gstreamer", lambda: False)  # as the PyPI OpenCV here
+    with pytest.raises(ConfigError) as e:
+        open_sinks(save="rtsp://admin:hunter2@cam.local:8554/belt")
+    msg = str(e.value)
+    assert "\n" not in msg and "hunter2" not in msg
+    assert "rtsp://admin:***@cam.local:8554/belt" in msg and "GStreamer" in msg and "JetPack" in msg
+
+
+def test_a_stream_that_does_not_open_fails_at_open_redacted():
+    class Closed:
+        released = False
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            Closed.released = True
+
+    with pytest.raises(ConfigError) as e:
+        VideoStreamSink("rtsp://admin:hunter2@cam:8554/belt", encoder="x264enc",
+                        writer_factory=lambda *a: Closed())
+    msg = str(e.value)
+    assert "\n" not in msg and "hunter2" not in msg and Closed.released
+    assert "could not start" in msg and "mediamtx" in msg and 'location="rtsp://admin:***@cam:8554/belt"' in msg
+
+
+def test_rtsp_without_a_listening_server_fails_at_open_redacted():
+    """rtspclientsink connects only once frames flow (OpenCV then reports the writer open and warns per frame),
+    so the server is checked at open: one line, password redacted, before the writer is even built."""
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    built = []
+    with pytest.raises(ConfigError) as e:
+        VideoStreamSink(f"rtsp://op:hunter2@127.0.0.1:{port}/belt", encoder="x264enc", check_server=True,
+                        writer_factory=lambda *a: built.append(a))
+    msg = str(e.value)
+    assert "\n" not in msg and "hunter2" not in msg and not built
+    assert f"rtsp://op:***@127.0.0.1:{port}/belt" in msg and "no RTSP server listening" in msg and "mediamtx" in msg
+    with socket.socket() as server:  # a listening server: the sink opens
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        class Writer:
+            def isOpened(self):
+                return True
+
+            def release(self):
+                pass
+
+        sink = VideoStreamSink(f"rtsp://127.0.0.1:{server.getsockname()[1]}/belt", encoder="x264enc",
+                               check_server=True, writer_factory=lambda *a: Writer())
+        sink.close()
+
+
+def test_stream_sink_writes_bgr_frames_at_the_fixed_size():
+    class Writer:
+        def __init__(self, pipeline, fps, size):
+            self.args, self.frames, self.released = (pipeline, fps, size), [], False
+
+        def isOpened(self):
+            return True
+
+        def write(self, img):
+            self.frames.append(img.copy())
+
+        def release(self):
+            self.released = True
+
+    made: list[Writer] = []
+    sink = VideoStreamSink("rtp://127.0.0.1:5000", fps=20, size=(320, 180), encoder="x264enc",
+                           writer_factory=lambda *a: made.append(Writer(*a)) or made[-1])
+    w = made[0]
+    assert w.args == (stream_pipeline("rtp://127.0.0.1:5000", 20, (320, 180), "x264enc"), 20.0, (320, 180))
+    assert sink.wants_frames and sink.shown == "rtp://127.0.0.1:5000"
+    frame = np.zeros((120, 160, 3), np.uint8)
+    frame[..., 0] = 200  # pure blue in BGR
+    for i, size in enumerate([(120, 160), (180, 320), (90, 200)]):  # sources of other sizes are letterboxed
+        f = np.ascontiguousarray(np.broadcast_to(frame[:1, :1], (*size, 3)))
+        sink.frame(f, _info(i, []))
+    sink.close()
+    assert w.released and sink.frames == 3
+    assert all(img.shape == (180, 320, 3) and img.dtype == np.uint8 for img in w.frames)
+    mid = w.frames[0][60, 120]  # source (40, 53): off the ROI, trigger line and text, the frame's own pixel
+    assert mid[0] > 150 and mid[1] < 30 and mid[2] < 30  # still blue: BGR in, BGR out
+    assert (w.frames[0][:, :20] == 0).all()  # 4:3 into 16:9: black bars left and right, not stretched
 
 
 # --------------------------------------------------------------------------------------------- MQTT

@@ -27,8 +27,13 @@ class Fsync(str, Enum):
 
 def grade(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mnet export onnx`).")],
-    source: Annotated[str, typer.Option(help="0 (camera), video file or file://, rtsp://..., csi://N (Jetson), "
-                                        "gst:PIPELINE, or a directory of images.")],
+    source: Annotated[Optional[list[str]], typer.Option(metavar="URI", help="0 (camera), video file or file://, "
+                                                        "rtsp://..., csi://N "
+                                                        "(Jetson), gst:PIPELINE, or a directory of images. Repeat it "
+                                                        "to grade several lanes in one process.")] = None,
+    lanes: Annotated[Optional[Path], typer.Option(help="JSON file of lanes (name, source, roi, trigger_x each), "
+                                                  "graded in one process with one batched inference worker.")]
+    = None,
     backend: Annotated[str, typer.Option(help="auto, tensorrt, onnxruntime or torch.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (the bundle's file for it), or auto: the one "
                                            "`mnet bundle bench --all` chose on this device (else fp32).")] = "fp32",
@@ -47,7 +52,10 @@ def grade(
                                                        "wait on disk; the next start resends them.")] = None,
     mqtt_client_id: Annotated[Optional[str], typer.Option(help="MQTT client id (persistent session); default: "
                                                           "derived from the host and spool, or random.")] = None,
-    save: Annotated[Optional[Path], typer.Option(help="Write an annotated video (boxes, IDs, grades, fps).")] = None,
+    # A str, not a Path: Path("rtp://h:5000") folds the "//" and the URI is lost.
+    save: Annotated[Optional[str], typer.Option(help="Write an annotated video (boxes, IDs, grades, fps) to a file, "
+                                                "or stream it: rtp://HOST:PORT or rtsp://HOST:PORT/PATH (needs "
+                                                "OpenCV with GStreamer, e.g. JetPack's).")] = None,
     show: Annotated[bool, typer.Option(help="Show the annotated video in a window (q quits).")] = False,
     roi: Annotated[Optional[str], typer.Option(help="Region of the belt to watch: x,y,w,h in pixels.")] = None,
     trigger_x: Annotated[Optional[float], typer.Option(help="Emit a fruit's grade when it crosses this x.")] = None,
@@ -84,6 +92,14 @@ def grade(
     cfg = GradeConfig.from_options(roi=roi, trigger_x=trigger_x, full_frame=full_frame, input_size=input_size,
                                    fps_limit=fps_limit, latency_budget_ms=latency_budget_ms, views=views,
                                    open_timeout_s=open_timeout, gate=GateConfig.from_card(b.card))
+    if lanes is not None or len(source or []) != 1:  # several lanes: runtime/lanes.py (one source: as below)
+        from mnet.cli._lanes import grade_lanes
+
+        return grade_lanes(b, net, precision, cfg, source or [], lanes, events=events, fsync_every=fsync is Fsync.every,
+                           csv=csv, mqtt=mqtt, mqtt_password_file=mqtt_password_file, mqtt_spool=mqtt_spool,
+                           mqtt_client_id=mqtt_client_id, summary_json=summary_json,
+                           single_only={"--save": save, "--show": show, "--serve": serve})
+    source = source[0]
     view = None
     if serve:  # listening before the sinks open: a port in use fails here, having written nothing
         from mnet.runtime.serve import LiveView, ServeConfig
@@ -95,6 +111,7 @@ def grade(
     # classes: a CSV with other columns is refused now, not at the first fruit. raise_on_close off: a failed
     # sink is reported after the summary (the other sinks went on), then raised as one error line.
     sinks = open_sinks(events=None if to_stdout else events, csv_path=csv, mqtt=mqtt, save=save,
+                       video_size=cfg.input_size,
                        stream=sys.stdout if to_stdout else None, classes=b.card.classes,
                        fsync_each=fsync is Fsync.every, raise_on_close=False, mqtt_spool=mqtt_spool,
                        mqtt_password_file=mqtt_password_file, mqtt_client_id=mqtt_client_id)
@@ -147,7 +164,7 @@ def grade(
         t.add_row(f"sink {escape(f['sink'])} FAILED", f"{f['missed']} event(s) missed")
     status.print(t)
     if events and not to_stdout and not any(f["sink"].startswith("jsonl ") for f in sinks.failed):
-        status.print(f"events → {escape(events)}" + (f"   annotated video → {escape(str(save))}" if save else ""))
+        status.print(f"events → {escape(events)}" + (f"   annotated video → {escape(redact(save))}" if save else ""))
     if summary_json:
         write_json(summary_json, s)
     sinks.raise_failures()  # one line, exit 2, after the summary has said what the other sinks kept
