@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -58,42 +56,6 @@ def test_grade_views_help_states_the_trackers_default():
 
 
 # ------------------------------------------------ sinks through the CLI, in process, with a stand-in bundle
-
-
-@pytest.fixture
-def fake_grade(tmp_path, monkeypatch):
-    """`mnet grade` on three still images (--full-frame) with a constant backend: no training, no ONNX."""
-    import cv2
-    import numpy as np
-
-    import mnet.bundle
-    import mnet.runtime.backends
-    from mnet.preprocess import Preprocess
-
-    class Constant:
-        name = "constant"
-
-        def infer(self, x):
-            return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
-
-        def describe(self):
-            return "constant"
-
-        def close(self):
-            pass
-
-    card = SimpleNamespace(preprocess=Preprocess((24, 32)), classes=("A", "B", "C"), display_name="fake")
-    monkeypatch.setattr(mnet.bundle, "load_bundle", lambda path: SimpleNamespace(card=card, path=Path(path)))
-    monkeypatch.setattr(mnet.runtime.backends, "open_backend", lambda *a, **k: Constant())
-    shots = tmp_path / "shots"
-    shots.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(shots / f"{i}.jpg"), np.full((48, 64, 3), 200, np.uint8))
-
-    def run(*args: str) -> int:
-        return main(["grade", str(tmp_path / "bundle"), "--source", str(shots), "--full-frame", *args])
-
-    return run
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

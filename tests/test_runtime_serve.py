@@ -277,41 +277,14 @@ def test_the_batched_stage_histogram_matches_prometheus_own():
 
 # ------------------------------------------------------------------------------------ through the CLI
 @pytest.fixture
-def cli_grade(tmp_path, monkeypatch):
-    """`mnet grade` on three still images (--full-frame) with a constant backend: no training, no ONNX."""
-    from types import SimpleNamespace
-
-    import mnet.bundle
-    import mnet.runtime.backends
-
-    from mnet.cli import main
-
-    class Constant:
-        name = "constant"
-
-        def infer(self, x):
-            return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
-
-        def describe(self):
-            return "constant"
-
-        def close(self):
-            pass
-
-    card = SimpleNamespace(preprocess=PRE, classes=CLASSES, display_name="fake")
-    monkeypatch.setattr(mnet.bundle, "load_bundle", lambda path: SimpleNamespace(card=card, path=Path(path)))
-    monkeypatch.setattr(mnet.runtime.backends, "open_backend", lambda *a, **k: Constant())
-    shots = tmp_path / "shots"
-    shots.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(shots / f"{i}.jpg"), np.full((48, 64, 3), 200, np.uint8))
+def cli_grade(fake_grade, tmp_path, monkeypatch):
+    """`fake_grade` (three still images, a constant backend) and what the live view reported as it closed."""
     seen = []
     close = LiveView.close
     monkeypatch.setattr(LiveView, "close", lambda self: (seen.append(self.status()), close(self))[1])
 
     def run(*args: str) -> int:
-        return main(["grade", str(tmp_path / "bundle"), "--source", str(shots), "--full-frame",
-                     "--events", str(tmp_path / "e.jsonl"), *args])
+        return fake_grade("--events", str(tmp_path / "e.jsonl"), *args)
 
     return run, seen
 
