@@ -9,9 +9,8 @@ test set):
    each pick retrained, its percentile among the ground-truth archs; archs sampled from the final
    policies retrained (policy vs uniform);
 3. supernet fidelity: Kendall τ (bootstrap 95% CI) between each supernet's whole-reward-split accuracy
-   and standalone test accuracy over the ground-truth archs, for both weight-sharing modes (and the
-   other BN modes on seed 0's supernets), and the highest τ the ground truth's own seed noise lets any
-   predictor show (`tau_ceiling`);
+   and standalone test accuracy over the ground-truth archs, for both weight-sharing modes, and the
+   highest τ the ground truth's own seed noise lets any predictor show (`kendall_tau_ceiling`);
 4. hand-designed baselines with the same epochs: ShuffleNetV2 x0.5 and MobileNetV3-small from
    scratch at 28×28 and upsampled to `--baseline-size`, and a 2-conv CNN under 100K parameters;
 5. the user's figure: search + train wall time, the found model's test accuracy, parameters and
@@ -48,7 +47,6 @@ from mnet.search.batches import DeviceData
 from mnet.search.controller import ControllerConfig
 from mnet.search.derive import derive
 from mnet.search.enas import SearchConfig, open_run, search
-from mnet.search.supernet import Evaluator
 from mnet.search.train import TrainConfig, evaluate, fit
 
 
@@ -93,17 +91,6 @@ def tau_ceiling(gt: list[float], pairs: list[tuple[float, float]]) -> dict:
     r = float(np.sqrt(max(0.0, 1.0 - noise_var / spread ** 2))) if spread > 0 else 0.0
     return {"tau": float(2 / np.pi * np.arcsin(r)), "reliability": r, "seed_noise_std": float(np.sqrt(noise_var)),
             "gt_robust_std": spread, "pairs": len(pairs)}
-
-
-def bn_mode_fidelity(opened, archs: list, gt: list[float], modes=("running", "recalibrate")) -> dict:
-    """τ of the same supernet under the BN modes the search does not use by default (search/supernet.py)."""
-    out = {}
-    for bn in modes:
-        ev = Evaluator(opened.supernet, opened.evaluator.val_data, opened.config.batch_size, bn=bn,
-                       calib_data=opened.train_data(), calib_batches=8)
-        sup = [ev.split_score(a).accuracy for a in archs]
-        out[bn] = {"tau": kendall_tau(sup, gt), "ci95": tau_ci(sup, gt), "split_acc_mean": float(np.mean(sup))}
-    return out
 
 
 def percentile(value: float, population: list[float]) -> float:
@@ -243,9 +230,7 @@ def main() -> None:
         random_s = time.time() - t0
         sup = [opened.evaluator.split_score(a).accuracy for a in gt_archs]
         tau = kendall_tau(sup, gt_acc)
-        fidelity[f"seed{seed}"] = {"sharing": cfg.sharing, "bn": cfg.bn, "tau": tau, "ci95": tau_ci(sup, gt_acc)}
-        if seed == 0:
-            fidelity["seed0"]["other_bn"] = bn_mode_fidelity(opened, gt_archs, gt_acc)
+        fidelity[f"seed{seed}"] = {"sharing": cfg.sharing, "tau": tau, "ci95": tau_ci(sup, gt_acc)}
         gen = torch.Generator().manual_seed(seed + 777)
         with torch.no_grad():
             policy = [opened.agent.controller.sample(gen)[0] for _ in range(args.policy_archs)]
@@ -274,9 +259,8 @@ def main() -> None:
                splits={"train": splits["train"]}, plots=False)
     opened = open_run(out, splits={"train": splits["train"]}, device="cpu")
     sup = [opened.evaluator.split_score(a).accuracy for a in gt_archs]
-    fidelity[f"{other}_seed0"] = {"sharing": other, "bn": opened.config.bn, "tau": kendall_tau(sup, gt_acc),
-                                  "ci95": tau_ci(sup, gt_acc), "supernet_uniform_split_acc_mean": float(np.mean(sup)),
-                                  "other_bn": bn_mode_fidelity(opened, gt_archs, gt_acc)}
+    fidelity[f"{other}_seed0"] = {"sharing": other, "tau": kendall_tau(sup, gt_acc), "ci95": tau_ci(sup, gt_acc),
+                                  "supernet_uniform_split_acc_mean": float(np.mean(sup))}
 
     # 4. baselines, same epochs
     import torchvision
