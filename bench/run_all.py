@@ -26,6 +26,7 @@ SCRIPTS = [
     ("foreign.py", ["--seeds", "2026,2027"]),  # issue 14 item 13: trains a tiny bundle first (minutes)
     ("live_view.py", []),  # issue 15: the cost of `mnet grade --serve`
     ("lanes.py", []),  # issue 15 item 1: concurrent 30-fps camera lanes in one process (3-4 min)
+    ("int8_search.py", []),  # issue 15 item 4: int8 vs fp32 table vs random archs (~19 min cold, trains 5 archs)
     ("search_quality.py", []),
     ("controller_planted.py", []),
     ("search_real.py", []),  # Fashion-MNIST: 83 min here with the ground truth cached in /tmp (cold: about 2 h)
@@ -68,6 +69,13 @@ ROWS = {
               ("… batching gain: inference CPU ms per view, one call per crop ÷ shared batched worker",
                "batching_gain.value", None),
               ("… INT8 vs fp32 on those lanes", "int8_over_fp32", None)],
+    "int8_search": [("ORT CPU INT8 vs fp32, arch chosen under an int8 latency table (tiny skeleton, width 256)",
+                     "int8_over_fp32", "≥ 1.5×"),
+                    ("… its INT8 accuracy drop (points, dev; 3-epoch model at majority-class accuracy: not evidence)",
+                     "int8_drop_points", "≤ 0.5"),
+                    ("… arch chosen under the fp32 table", "int8_over_fp32_fp32_table", None),
+                    ("… uniformly random archs, mean ± std", "int8_over_fp32_random_mean±int8_over_fp32_random_std",
+                     None)],
     "foreign": [("Foreign objects rejected (leaves, gloves, stones, packaging; conveyor seed not tuned on)",
                  "foreign_rejected", "≥ 0.9"),
                 ("… fruit rejected", "fruit_rejected", "≤ 0.05")],
