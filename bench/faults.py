@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import io
 import json
 import logging
@@ -44,7 +43,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +59,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # imported by tests/test_faults_bench.py
     sys.path.append(str(Path(__file__).resolve().parent))  # last: bench/runtime.py must not shadow anything
 from _common import emit  # noqa: E402
+from _faultkit import Broker, avi_frame_chunks  # noqa: E402
 
 SECRET = "S3cr3t-faults-pw"  # in the MQTT password file and the source URI; must appear in no output
 TOPIC = "factory/line1/grades"
@@ -355,21 +354,10 @@ def case_nan_output(env: Env, every: int = 4) -> dict:
                       wrap=lambda net: FaultyBackend(net, every, "nan"), every_nth_call=every)
 
 
-def _avi_frame_chunks(data: bytes) -> list[tuple[int, int]]:
-    """(offset, size) of each video chunk's payload in the 'movi' list of an AVI."""
-    pos, chunks = data.index(b"movi") + 4, []
-    while pos + 8 <= len(data) and data[pos:pos + 4] != b"idx1":
-        fourcc, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        if fourcc[2:] in (b"dc", b"db"):
-            chunks.append((pos + 8, size))
-        pos += 8 + size + (size & 1)
-    return chunks
-
-
 def case_corrupt_video(env: Env, first: int | None = None, count: int = 5) -> dict:
     """`count` frames' JPEG data zeroed in the middle of the clip (the container and its index intact)."""
     data = bytearray(env.clip.read_bytes())
-    chunks = _avi_frame_chunks(bytes(data))
+    chunks = avi_frame_chunks(bytes(data))
     first = len(chunks) // 2 if first is None else first
     for offset, size in chunks[first:first + count]:
         data[offset:offset + size] = bytes(size)
@@ -613,57 +601,6 @@ def case_camera_vanish(env: Env, at_frame: int = 60, outage_s: float = 2.5) -> d
 # ----------------------------------------------------------------------------------- broker + CLI
 
 
-def mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
-
-
-class Broker:
-    """A private mosquitto on 127.0.0.1:<free port> with a password file and persistence (restartable)."""
-
-    def __init__(self, workdir: Path, user: str = USER, password: str = SECRET) -> None:
-        binary, tool = mosquitto_binary(), shutil.which("mosquitto_passwd")
-        if binary is None or tool is None:
-            raise RuntimeError("mosquitto and mosquitto_passwd needed (apt-get install mosquitto)")
-        workdir.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        (workdir / "db").mkdir(exist_ok=True)
-        passwd = workdir / "passwd"
-        subprocess.run([tool, "-b", "-c", str(passwd), user, password], check=True, capture_output=True)
-        self.conf = workdir / "mosquitto.conf"
-        # `user`: as root mosquitto would switch to 'mosquitto', which cannot write the db here.
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
-                             f"user {getpass.getuser()}\npersistence true\npersistence_location {workdir / 'db'}/\n")
-        self.binary, self.log = binary, workdir / "mosquitto.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not start: {self.log.read_text()}")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
 class Subscriber:
     """A QoS 1 consumer with a persistent session that keeps every payload it gets (duplicates too)."""
 
@@ -738,7 +675,7 @@ def _outputs(out: Path, broker: Broker | None = None, sub: Subscriber | None = N
 def case_broker_kill9(env: Env, outage_s: float = 1.5) -> dict:
     t = time.perf_counter()
     out = _fresh(env.work / "broker_kill9")
-    broker = Broker(out / "broker")
+    broker = Broker(out / "broker", USER, SECRET)
     broker.start()
     sub = Subscriber(broker.port)
     try:
@@ -784,7 +721,7 @@ def case_sigkill_restart(env: Env, after_events: int = 3) -> dict:
     """
     t = time.perf_counter()
     out = _fresh(env.work / "sigkill_restart")
-    broker = Broker(out / "broker")
+    broker = Broker(out / "broker", USER, SECRET)
     broker.start()
     sub = Subscriber(broker.port)
     jsonl = out / "e.jsonl"

@@ -414,32 +414,6 @@ class _Inference:
                                "and the model") from cause
 
 
-class _Tracker(Tracker):
-    """The tracker plus the two calls a failed inference needs. They belong in tracker.py (they reach
-    into its track records); they live here while that file has another owner."""
-
-    def drop_view(self, uid: int) -> None:
-        """A view taken (record_view) whose probabilities will never come: stop waiting for it. A fruit
-        still in view may be planned another one in its place."""
-        t = self._by_uid.get(uid)
-        if t is None:
-            return
-        t.views -= 1
-        if t.finished and t.fruit_id is None and t.full_n + t.edge_n >= t.views:
-            del self._by_uid[uid]  # as in add_probs: a discarded track with nothing in flight is forgotten
-
-    def settle(self, uid: int) -> FruitVote | None:
-        """vote(), or None for a done fruit none of whose views brought probabilities: it is released
-        unvoted (vote() refuses to make a grade from nothing)."""
-        t = self._by_uid.get(uid)
-        if t is not None and t.emitted and not t.voted and t.views == 0 and t.full_n + t.edge_n == 0:
-            t.voted = True
-            if t.finished:
-                del self._by_uid[uid]
-            return None
-        return self.vote(uid)
-
-
 class Grader:
     """The per-frame pipeline, without a source: process(frame, ts) → events. grade() drives it.
 
@@ -464,8 +438,8 @@ class Grader:
         self._aspect = preprocess.input_hw[1] / preprocess.input_hw[0]  # crops match the model input
         # A view's crop must fit in the frame: the tracker tests the very rectangle the crops are cut
         # with (localize.crop_rect), so it needs the same margin and aspect.
-        self.tracker = _Tracker(len(self.classes), replace(config.tracker, view_margin=config.margin,
-                                                           view_aspect=self._aspect))
+        self.tracker = Tracker(len(self.classes), replace(config.tracker, view_margin=config.margin,
+                                                          view_aspect=self._aspect))
         self.run_id = config.run_id or new_run_id()
         self.gate = OpenSetGate(config.gate)  # sees each view's localiser priors; decides at the vote
         self.samples = {s: _Samples() for s in STAGES}

@@ -302,6 +302,27 @@ class Tracker:
         if t.finished and t.fruit_id is None and t.full_n + t.edge_n >= t.views:
             del self._by_uid[uid]  # a discarded track's last view is back: nothing will ask for it
 
+    def drop_view(self, uid: int) -> None:
+        """A view taken (record_view) whose probabilities will never come (a failed inference): stop
+        waiting for it. A fruit still in view may be planned another one in its place."""
+        t = self._by_uid.get(uid)
+        if t is None:
+            return
+        t.views -= 1
+        if t.finished and t.fruit_id is None and t.full_n + t.edge_n >= t.views:
+            del self._by_uid[uid]  # as in add_probs: a discarded track with nothing in flight is forgotten
+
+    def settle(self, uid: int) -> FruitVote | None:
+        """vote(), or None for a done fruit none of whose views brought probabilities: it is released
+        unvoted (vote() refuses to make a grade from nothing)."""
+        t = self._by_uid.get(uid)
+        if t is not None and t.emitted and not t.voted and t.views == 0 and t.full_n + t.edge_n == 0:
+            t.voted = True
+            if t.finished:
+                del self._by_uid[uid]
+            return None
+        return self.vote(uid)
+
     def vote(self, uid: int) -> FruitVote:
         """The vote of a done fruit, once all its views have their probabilities; releases the fruit."""
         t = self._by_uid.get(uid)

@@ -7,6 +7,7 @@ enough for "loss decreases" and resume tests without the (slower, harder) synthe
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 
 from mnet.arch import PRESETS
+
+# bench/ last on the path: the tests share its fault kit (bench/_faultkit.py) and run its fast cases
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 _COLOURS = {"A": (40, 180, 60), "B": (30, 140, 220), "C": (50, 50, 200)}  # BGR
 

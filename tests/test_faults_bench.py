@@ -5,14 +5,11 @@ duplicate none, with the exit code the CLI promises and no secret in any output.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 from test_export_support import exported_bundle
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # last: nothing there may shadow a module
-import faults  # noqa: E402
+import faults  # bench/ (on the path from conftest)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from mnet.runtime.grader import GradeConfig, Grader, grade, parse_size, stop_on_signals
 from mnet.runtime.localize import Box, Localizer
 from mnet.runtime.sinks import Sinks, open_sinks
-from mnet.runtime.tracker import TrackerConfig
+from mnet.runtime.tracker import Tracker, TrackerConfig
 
 from mnet.conveyor import make_conveyor_video, plan_conveyor
 from mnet.errors import BackendError, ConfigError
@@ -685,9 +685,7 @@ def test_every_event_names_its_run_and_two_runs_never_share_an_event_id(tmp_path
 
 
 def test_a_dropped_view_releases_a_discarded_track_and_a_fruit_without_views_settles_unvoted():
-    from mnet.runtime.grader import _Tracker
-
-    tr = _Tracker(3, TrackerConfig(max_views=0))  # every box classified, tentative tracks too
+    tr = Tracker(3, TrackerConfig(max_views=0))  # every box classified, tentative tracks too
     (uid, _, _), = tr.step([Box(300, 100, 60, 60, 3600.0)], 0.0, (0, 640)).classify
     tr.record_view(uid)
     for f in range(1, 30):  # seen once: noise, discarded while its view is in flight
@@ -696,7 +694,7 @@ def test_a_dropped_view_releases_a_discarded_track_and_a_fruit_without_views_set
     tr.drop_view(uid)  # its view failed: nothing will come back for it
     assert uid not in tr._by_uid
     # a fruit whose every view failed: released without a vote, not left behind
-    tr = _Tracker(3, TrackerConfig(view_stride=1, min_hits=1))
+    tr = Tracker(3, TrackerConfig(view_stride=1, min_hits=1))
     views = []
     for f in range(3):
         step = tr.step([Box(300 + 5 * f, 100, 60, 60, 3600.0)], f / 30, (0, 640))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from mnet.runtime.sinks import MQTT_PASSWORD_ENV, MqttSink, _Spool
-from test_runtime_sinks import _Broker, _ev, _mosquitto_binary, _Subscriber
+from _faultkit import Broker, mosquitto_binary
+from test_runtime_sinks import _ev, _Subscriber
 
 from mnet.errors import ConfigError
 
@@ -26,10 +27,9 @@ TOPIC = "factory/line1/grades"
 
 @pytest.fixture
 def broker(tmp_path):
-    binary = _mosquitto_binary()
-    if binary is None:
+    if mosquitto_binary() is None:
         pytest.skip("mosquitto binary not found (apt-get install mosquitto) — MQTT tests need a real broker")
-    b = _Broker(binary, tmp_path)
+    b = Broker(tmp_path)
     b.start()
     yield b
     b.stop()
@@ -58,8 +58,9 @@ def test_in_flight_messages_are_capped_at_what_paho_can_track(broker):
 
 
 _CRASHING_GRADER = """
-import sys
+import os, sys
 sys.path.insert(0, sys.argv[3])
+sys.path.append(os.path.join(os.path.dirname(sys.argv[3]), "bench"))  # as conftest does
 from test_runtime_sinks import _ev
 from mnet.runtime.sinks import MqttSink
 sink = MqttSink(f"mqtt://127.0.0.1:{sys.argv[1]}/factory/line1/grades", spool=sys.argv[2],
@@ -164,16 +165,10 @@ def test_events_over_the_memory_buffer_wait_in_the_spool_for_the_next_start(tmp_
     b.close()
 
 
-def _auth_broker(tmp_path: Path, user: str, password: str) -> _Broker:
-    binary, tool = _mosquitto_binary(), shutil.which("mosquitto_passwd")
-    if binary is None or tool is None:
+def _auth_broker(tmp_path: Path, user: str, password: str) -> Broker:
+    if mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto and mosquitto_passwd needed (apt-get install mosquitto)")
-    passwd = tmp_path / "passwd"
-    subprocess.run([tool, "-b", "-c", str(passwd), user, password], check=True, capture_output=True)
-    b = _Broker(binary, tmp_path)
-    b.conf.write_text(b.conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
-                      + f"password_file {passwd}\n")
-    return b
+    return Broker(tmp_path, user, password)
 
 
 def test_mqtt_password_from_a_file_the_environment_or_the_uri_and_never_echoed(tmp_path, monkeypatch, caplog):

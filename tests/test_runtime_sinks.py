@@ -4,13 +4,10 @@ MQTT against a real mosquitto broker (including the broker going down and coming
 from __future__ import annotations
 
 import csv
-import getpass
 import io
 import json
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _faultkit import Broker, mosquitto_binary
 from mnet.runtime.grader import FrameInfo
 from mnet.runtime.localize import Box
 from mnet.runtime.sinks import (
@@ -535,54 +533,11 @@ def test_parse_mqtt_uri():
             parse_mqtt_uri(bad)
 
 
-def _mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
-
-
-class _Broker:
-    """A private mosquitto on 127.0.0.1:<free port>, with persistence so it can be stopped and restarted."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        (workdir / "db").mkdir()
-        self.conf = workdir / "mosquitto.conf"
-        # `user`: run as whoever runs the tests (as root mosquitto would otherwise switch to the
-        # 'mosquitto' user, which cannot write the persistence db into pytest's private tmp dir).
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
-                             f"persistence true\npersistence_location {workdir / 'db'}/\n")
-        self.binary, self.log = binary, workdir / "mosquitto.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not start: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: mosquitto saves its persistence db and exits
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
 @pytest.fixture
 def broker(tmp_path):
-    binary = _mosquitto_binary()
-    if binary is None:
+    if mosquitto_binary() is None:
         pytest.skip("mosquitto binary not found (apt-get install mosquitto) — MQTT sink tests need a real broker")
-    b = _Broker(binary, tmp_path)
+    b = Broker(tmp_path)
     b.start()
     yield b
     b.stop()

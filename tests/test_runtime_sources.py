@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _faultkit import avi_frame_chunks
 from mnet.runtime.sources import Status, csi_pipeline, has_gstreamer, open_source, parse_uri
 
 from mnet.errors import SourceError
@@ -372,22 +373,11 @@ def test_file_source_warns_when_the_container_holds_more_than_was_read(tmp_path,
     assert src.stats.errors == 0 and not caplog.records
 
 
-def _avi_frame_chunks(data: bytes) -> list[tuple[int, int]]:
-    """(offset, size) of each video chunk's payload in the 'movi' list of an AVI."""
-    pos, chunks = data.index(b"movi") + 4, []
-    while pos + 8 <= len(data) and data[pos:pos + 4] != b"idx1":
-        fourcc, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        if fourcc[2:] in (b"dc", b"db"):
-            chunks.append((pos + 8, size))
-        pos += 8 + size + (size & 1)
-    return chunks
-
-
 def test_real_mjpg_avi_with_a_corrupt_stretch_is_read_to_the_end(tmp_path, caplog):
     path = tmp_path / "belt.avi"
     _write_video(path, 40, "MJPG")
     data = bytearray(path.read_bytes())
-    chunks = _avi_frame_chunks(bytes(data))
+    chunks = avi_frame_chunks(bytes(data))
     assert len(chunks) == 40
     for offset, size in chunks[15:20]:  # five frames' JPEG data zeroed; the container is intact
         data[offset:offset + size] = bytes(size)
