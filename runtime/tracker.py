@@ -13,6 +13,20 @@ Life of a track:
 A confirmed track is emitted exactly once: at the trigger line if there is one, else when it
 finishes, else at flush(). Tentative tracks that finish are noise and are discarded.
 
+Motion is predicted on the tracker's *belt clock*, which advances by each frame's interval and so
+handles dropped frames, except where the stream's timestamps cannot be taken at their word:
+- a timestamp not after the previous frame's (a stale frame, a stream whose clock restarted): the frame
+  is taken as the next one, one typical frame interval later;
+- a gap longer than `gap_frames` typical intervals (an outage: an RTSP reconnect, a camera replugged):
+  whether the belt kept running meanwhile is not known, so both are tried on this frame's boxes: the
+  belt moved for the whole gap, or the stream resumed where it stopped (a paused belt, frames delivered
+  late). The second is taken only when it matches more tracks and leaves no box unexplained in mid-belt
+  (one frame on, new fruit only enter at the edge); a fruit that left during the outage is emitted once
+  as usual. (One fruit gone during a real outage and another now standing, alone, where the first would
+  be one frame on cannot be told apart by position.)
+No speed is measured across a gap or a stale stamp, so a wrong guess costs no more than that frame's
+prediction. A fruit's event timestamps are the frames' own, and its last_ts never goes back.
+
 Association needs no probabilities, so the model does not have to see every fruit in every frame.
 `step()` matches the boxes and then plans the *views*: which boxes to classify now. A fruit gets at
 most `max_views` views, `view_stride` frames apart (so they differ), each a full view whose crop
@@ -40,6 +54,8 @@ the stream starts, or a trigger line close to the entry edge).
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +77,8 @@ class TrackerConfig:
     trigger_x: float | None = None  # emit when the centre crosses this x (frame pixels)
     direction: int = 1  # +1: belt runs left → right; -1: right → left
     velocity_smoothing: float = 0.5  # EMA weight of the newest velocity observation
+    # a frame this many typical frame intervals after the previous one ends an outage (see the module doc)
+    gap_frames: float = 4.0
     edge_px: int = 2
     # 3 views: enough that one odd view (a highlight, a neighbour in the crop) cannot decide the grade,
     # few enough that a 20 ms model keeps up with a 120 fps belt (~2 fruit in view, ~50 frames each).
@@ -78,6 +96,8 @@ class TrackerConfig:
             raise ConfigError(f"tracker fields gate/max_back = {self.gate}/{self.max_back}: expected > 0 / >= 0")
         if self.direction not in (1, -1):
             raise ConfigError(f"tracker field 'direction' = {self.direction!r}: expected 1 (+x) or -1 (-x)")
+        if not self.gap_frames > 1:
+            raise ConfigError(f"tracker field 'gap_frames' = {self.gap_frames!r}: expected > 1 frame interval")
         if not 0 < self.velocity_smoothing <= 1:
             raise ConfigError(f"tracker field 'velocity_smoothing' = {self.velocity_smoothing!r}: expected (0, 1]")
         if self.max_views < 0:
@@ -132,6 +152,7 @@ class _Track:
     last_ts: float
     num_classes: int
     uid: int = 0
+    last_bt: float = 0.0  # the tracker's belt clock when last seen (predictions run on it, not on last_ts)
     vx: float | None = None  # px/s along x; None until two full views were seen
     vy: float = 0.0
     hits: int = 1
@@ -191,6 +212,10 @@ class Tracker:
         self._next_uid = 1
         self._frame = -1  # frames stepped: views are spaced in frames, never in seconds (reproducible)
         self._belt_vx: float | None = None  # px/s, shared prior for new tracks
+        self._clock = 0.0  # the belt clock (s): frame intervals, except across gaps and stale stamps
+        self._prev_ts: float | None = None  # the previous frame's own timestamp
+        self._intervals: deque[float] = deque(maxlen=15)  # recent frame intervals (s)
+        self._gap = False  # this frame ends a gap or has a stale stamp: no speed is measured across it
         # Finished tracks linger for max_lost frames: a fruit that flickers back into view at the exit
         # edge (its mask area hovering around min_area) must not start a second fruit.
         self._ghosts: list[list] = []  # [track, frames left]
@@ -219,22 +244,24 @@ class Tracker:
         self._frame += 1
         for t in self._tracks:
             t.seen_at = -1
-        matches = self._match(boxes, ts)
+        bt = self._advance(boxes, ts, bounds)
+        matches = self._match(boxes, bt)
         matched_t = {ti for ti, _ in matches}
         matched_d = {di for _, di in matches}
 
         for ti, di in matches:
             t, b = self._tracks[ti], boxes[di]
-            dt = ts - t.last_ts
-            if dt > 0 and not t.box.touches_edge and not b.touches_edge:
-                # Only whole views measure speed: a box growing at the entry edge moves at half speed.
+            dt = bt - t.last_bt
+            if dt > 0 and not self._gap and not t.box.touches_edge and not b.touches_edge:
+                # Only whole views measure speed: a box growing at the entry edge moves at half speed;
+                # and no displacement across a gap does: how long the belt ran is a guess there.
                 obs_vx, obs_vy = (b.center[0] - t.box.center[0]) / dt, (b.center[1] - t.box.center[1]) / dt
                 a = c.velocity_smoothing
                 t.vx = obs_vx if t.vx is None else (1 - a) * t.vx + a * obs_vx
                 t.vy = (1 - a) * t.vy + a * obs_vy
                 if t.fruit_id is not None:
                     self._belt_vx = t.vx if self._belt_vx is None else 0.8 * self._belt_vx + 0.2 * t.vx
-            t.box, t.last_ts, t.lost, t.seen_at = b, ts, 0, di
+            t.box, t.last_ts, t.last_bt, t.lost, t.seen_at = b, max(t.last_ts, ts), bt, 0, di
             t.hits += 1
 
         for ti, t in enumerate(self._tracks):
@@ -245,9 +272,9 @@ class Tracker:
         for g in self._ghosts:
             g[1] -= 1
         for di, b in enumerate(boxes):
-            if di in matched_d or self._inside_existing(b) or self._absorbed_by_ghost(b, ts):
+            if di in matched_d or self._inside_existing(b) or self._absorbed_by_ghost(b, ts, bt):
                 continue
-            t = _Track(b, ts, ts, self.num_classes, uid=self._next_uid, seen_at=di)
+            t = _Track(b, ts, ts, self.num_classes, uid=self._next_uid, last_bt=bt, seen_at=di)
             self._next_uid += 1
             self._by_uid[t.uid] = t
             self._tracks.append(t)
@@ -274,7 +301,7 @@ class Tracker:
                     done.append((self._emit(t, "trigger"), None))
                 live.append(t)
                 continue
-            reason = "exit" if self._gone(t, ts, bounds) else "lost" if t.lost > c.max_lost else None
+            reason = "exit" if self._gone(t, bt, bounds) else "lost" if t.lost > c.max_lost else None
             if reason is None:
                 live.append(t)
             else:
@@ -372,17 +399,52 @@ class Tracker:
         return t.fruit_vote()
 
     # ----------------------------------------------------------------------------------- helpers
-    def _predict(self, t: _Track, ts: float) -> tuple[float, float]:
-        dt = max(0.0, ts - t.last_ts)
+    def _advance(self, boxes: Sequence[Box], ts: float, bounds: tuple[float, float]) -> float:
+        """This frame's time on the belt clock (see the module docstring: stale stamps and gaps)."""
+        prev, self._prev_ts, self._gap = self._prev_ts, ts, False
+        if prev is None:
+            return self._clock
+        dt = ts - prev
+        period = statistics.median(self._intervals) if self._intervals else None
+        if dt <= 0:  # not after the previous frame: taken as the next one
+            self._clock += period or 0.0
+            self._gap = True
+            return self._clock
+        self._intervals.append(dt)  # gaps too: one outage hardly moves the median, a new frame rate does
+        if period is None or dt <= self.config.gap_frames * period:
+            self._clock += dt
+        else:  # an outage: the belt ran for all of it, or the stream resumed where it stopped
+            ran, resumed = self._clock + dt, self._clock + period
+            self._clock = resumed if self._resumed(boxes, ran, resumed, bounds) else ran
+            self._gap = True
+        return self._clock
+
+    def _resumed(self, boxes: Sequence[Box], ran: float, resumed: float, bounds: tuple[float, float]) -> bool:
+        """After a gap: did the stream resume where it stopped? Only if that matches more tracks than the
+        belt having run all along, and every box it leaves unmatched is a fruit entering at the entry edge
+        (or part of a tracked one): one frame on, no fruit appears in mid-belt. After a real outage the
+        view holds new fruit everywhere, and a few of them standing where old ones were prove nothing."""
+        matched = self._match(boxes, resumed)
+        if len(matched) <= len(self._match(boxes, ran)):
+            return False
+        mid = (bounds[0] + bounds[1]) / 2
+        taken = {di for _, di in matched}
+        return all(di in taken or self._inside_existing(b)
+                   or (b.touches_edge and (b.center[0] - mid) * self.config.direction < 0)
+                   for di, b in enumerate(boxes))
+
+    def _predict(self, t: _Track, bt: float) -> tuple[float, float]:
+        """Where the track's centre is at belt-clock time `bt`."""
+        dt = max(0.0, bt - t.last_bt)
         vx = t.vx if t.vx is not None else (self._belt_vx or 0.0)
         cx, cy = t.box.center
         return cx + vx * dt, cy + t.vy * dt
 
-    def _match(self, boxes: Sequence[Box], ts: float) -> list[tuple[int, int]]:
+    def _match(self, boxes: Sequence[Box], bt: float) -> list[tuple[int, int]]:
         c = self.config
         pairs = []
         for ti, t in enumerate(self._tracks):
-            px, py = self._predict(t, ts)
+            px, py = self._predict(t, bt)
             for di, b in enumerate(boxes):
                 size = max(t.box.w, t.box.h, b.w, b.h, 1)
                 bx, by = b.center
@@ -404,20 +466,20 @@ class Tracker:
         cx, cy = b.center
         return any(t.box.x <= cx <= t.box.x2 and t.box.y <= cy <= t.box.y2 for t in self._tracks)
 
-    def _gone(self, t: _Track, ts: float, bounds: tuple[float, float]) -> bool:
+    def _gone(self, t: _Track, bt: float, bounds: tuple[float, float]) -> bool:
         """Unseen now and last seen at the exit edge, or predicted past it: the fruit left the view."""
         lo, hi = bounds
         e = self.config.edge_px
         if self.config.direction > 0:
-            return t.box.x2 >= hi - e or self._predict(t, ts)[0] - t.box.w / 2 >= hi
-        return t.box.x <= lo + e or self._predict(t, ts)[0] + t.box.w / 2 <= lo
+            return t.box.x2 >= hi - e or self._predict(t, bt)[0] - t.box.w / 2 >= hi
+        return t.box.x <= lo + e or self._predict(t, bt)[0] + t.box.w / 2 <= lo
 
-    def _absorbed_by_ghost(self, b: Box, ts: float) -> bool:
+    def _absorbed_by_ghost(self, b: Box, ts: float, bt: float) -> bool:
         for g in self._ghosts:
             t = g[0]
-            px, py = self._predict(t, ts)
+            px, py = self._predict(t, bt)
             if math.hypot(b.center[0] - px, b.center[1] - py) <= self.config.gate * max(t.box.w, t.box.h, b.w, b.h):
-                t.box, t.last_ts, g[1] = b, ts, self.config.max_lost + 1
+                t.box, t.last_ts, t.last_bt, g[1] = b, max(t.last_ts, ts), bt, self.config.max_lost + 1
                 return True
         return False
 

@@ -135,6 +135,8 @@ def test_single_frame_mode_and_config_errors():
         TrackerConfig(direction=0)
     with pytest.raises(ConfigError, match="min_hits"):
         TrackerConfig(min_hits=0)
+    with pytest.raises(ConfigError, match="gap_frames"):
+        TrackerConfig(gap_frames=1)
 
 
 def _views(tracker, frames, bounds=(0, W)):
@@ -305,3 +307,89 @@ def test_view_fit_includes_the_aspect_widening_of_the_crop():
             assert x2 - x1 == 2 * (y2 - y1)  # the very rectangle crop() cuts: not clipped by the frame
     with pytest.raises(ConfigError, match="view_aspect"):
         TrackerConfig(view_aspect=0)
+
+
+# --- outages: a live source's gap (a reconnect, a camera replugged) or a timestamp stepping back ---------
+SPEED = 10  # px per frame at FPS: 300 px/s
+
+
+def _across(stamps, x0=(60,), y=(100,)):
+    """Fruit riding the belt one frame after the other at frame times `stamps`, whatever the stamps say:
+    after an outage the stream resumes where the belt is (a paused belt, frames delivered late)."""
+    return [[Box(x + SPEED * f, yy, 100, 70, 7000.0, False) for x, yy in zip(x0, y) if x + SPEED * f + 100 <= W]
+            for f in range(len(stamps))]
+
+
+def _graded(tracker, frames, stamps):
+    probs = np.array([0.1, 0.8, 0.1])
+    events = []
+    for boxes, ts in zip(frames, stamps):
+        events += tracker.update(boxes, np.tile(probs, (len(boxes), 1)), ts, (0, W))
+    return events + tracker.flush()
+
+
+def _stamps(n, *, at=10, jump=0.0):
+    """n frame times at FPS, shifted by `jump` seconds from frame `at` on (an outage, or a stamp going back)."""
+    return [f / FPS + (jump if f >= at else 0.0) for f in range(n)]
+
+
+@pytest.mark.parametrize("jump", [0.5, 2.0, 30.0, -0.2, -5.0])
+def test_a_fruit_across_an_outage_or_a_backward_stamp_is_one_event(jump):
+    stamps = _stamps(40, jump=jump)
+    tr = Tracker(3)
+    events = _graded(tr, _across(stamps), stamps)
+    assert [(v.fruit_id, v.reason, v.frames) for v in events] == [(1, "flush", 40)]
+    assert events[0].last_ts >= events[0].first_ts
+    assert tr.belt_velocity == pytest.approx(SPEED * FPS)  # no speed measured across the gap
+    # a trigger line behind the gap: graded there, once
+    events = _graded(Tracker(3, TrackerConfig(trigger_x=300)), _across(stamps), stamps)
+    assert [(v.fruit_id, v.reason) for v in events] == [(1, "trigger")]
+
+
+def test_one_stale_frame_with_an_old_stamp_changes_nothing():
+    stamps = _stamps(40)
+    stamps[12] = 0.0  # e.g. a frame a reconnecting stream had buffered, stamped when it was captured
+    tr = Tracker(3)
+    events = _graded(tr, _across(stamps), stamps)
+    assert [(v.fruit_id, v.frames) for v in events] == [(1, 40)]
+    assert tr.belt_velocity == pytest.approx(SPEED * FPS)  # the belt's speed is not disturbed either
+
+
+def test_a_belt_that_kept_moving_through_the_outage_is_still_followed():
+    # 0.3 s without frames at 300 px/s: the fruit is 90 px further on, as its speed says
+    stamps = _stamps(30, jump=0.3)
+    frames = [[Box(60 + SPEED * f + (90 if f >= 10 else 0), 100, 100, 70, 7000.0, False)] for f in range(30)]
+    events = _graded(Tracker(3), frames, stamps)
+    assert [(v.fruit_id, v.frames) for v in events] == [(1, 30)]
+
+
+@pytest.mark.parametrize("jump", [2.0, -1.0])
+def test_two_fruit_across_an_outage_are_still_two(jump):
+    stamps = _stamps(40, jump=jump)
+    tr = Tracker(3)
+    events = _graded(tr, _across(stamps, x0=(60, 200), y=(100, 300)), stamps)
+    # the fruit ahead (confirmed second: ids follow the boxes' order) exits after 35 frames, the other flushes
+    assert [(v.fruit_id, v.reason, v.frames) for v in events] == [(2, "exit", 35), (1, "flush", 40)]
+    assert tr.created == 2
+
+
+def test_a_fruit_gone_during_a_real_outage_and_a_new_one_after_it_are_two():
+    # The belt ran through 2 s without frames: the fruit in view left unseen, another one came in.
+    stamps = _stamps(60, jump=2.0)
+    frames = [[Box(200 + SPEED * f, 100, 100, 70, 7000.0, False)] if f < 10 else
+              [Box(SPEED * (f - 10), 250, 100, 70, 7000.0, False)] if f < 50 else [] for f in range(60)]
+    events = _graded(Tracker(3), frames, stamps)
+    assert [(v.fruit_id, v.frames) for v in events] == [(1, 10), (2, 40)]
+
+
+def test_new_fruit_where_old_ones_were_after_a_real_outage_stay_distinct():
+    # Two fruit in view; 2 s without frames while the belt ran: both left unseen, and of the two new fruit
+    # in view one happens to stand where the first old one would be a frame later. It is not taken for it:
+    # the other new one, in mid-belt, says the belt moved.
+    stamps = _stamps(40, jump=2.0)
+    before = [[Box(200 + SPEED * f, 100, 100, 70, 7000.0, False), Box(400 + SPEED * f, 300, 100, 70, 7000.0, False)]
+              for f in range(10)]
+    after = _across(stamps[10:], x0=(60, 310), y=(300, 100))
+    events = _graded(Tracker(3), before + after, stamps)
+    # (the one where an old fruit was starts a track a frame late: its first box lies inside the old track's)
+    assert sorted(v.frames for v in events) == [10, 10, 23, 30] and len({v.fruit_id for v in events}) == 4
