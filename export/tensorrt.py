@@ -113,15 +113,11 @@ def _int8_source(b: Bundle) -> Path:
 def _fp16_source(b: Bundle) -> Path:
     """model.fp16.onnx, (re)made from model.onnx when missing or older (onnx imported only here and in
     `_int8_source`, which does without it: a Jetson building fp32/fp16-by-flag/int8 engines needs no onnx)."""
-    import onnx
-
-    from mnet.export.fp16 import convert_to_fp16
+    from mnet.export.fp16 import write_fp16
 
     out = b.fp16_path
     if not out.is_file() or out.stat().st_mtime < b.onnx_path.stat().st_mtime:
-        half = convert_to_fp16(onnx.load(str(b.onnx_path)))
-        with atomic_path(out) as tmp:
-            onnx.save_model(half, str(tmp), save_as_external_data=False)
+        write_fp16(b)
     return out
 
 

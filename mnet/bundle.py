@@ -4,7 +4,7 @@
       mnet.json                                  the card (this module): authoritative, updated in place
       model.onnx                                 fp32, dynamic batch, metadata_props["mnet.card"] = card JSON
       model.int8.onnx                            optional, QDQ (`mnet calibrate int8`)
-      model.fp16.onnx                            optional, half precision (TensorRT 11 fp16 builds)
+      model.fp16.onnx                            optional, half precision (`mnet export fp16`; TensorRT 11 fp16)
       model.<precision>.<trt>.<gpu>.engine       optional TensorRT engines, never with bytes prepended ...
       model.<precision>.<trt>.<gpu>.engine.json  ... each with its sidecar (`EngineInfo`)
 
@@ -108,7 +108,8 @@ def _check_precision_choice(key: str, e: Any) -> None:
 class BundleCard:
     """`mnet.json`: what the model is, how to feed it, how good and how fast it is, where it came from.
 
-    `metrics` holds `dev` (from the checkpoint), `parity` (ONNX vs PyTorch) and `int8` (calibration);
+    `metrics` holds `dev` (from the checkpoint), `parity` (ONNX vs PyTorch), `int8` (calibration) and `fp16`
+    (`mnet export fp16 BUNDLE DATA`), each of the last two with the sha256 of the model file it measured;
     `latency` is filled by the stages that measure it, keyed by whatever they measured (e.g.
     "onnxruntime/cpu/fp32/b1"). `precision_choice` holds, per "<backend>/<device>", the precision
     `mnet bundle bench --all` measured fastest within the accuracy tolerance (`--precision auto`). `open_set` is the runtime's open-set gate calibration (max-softmax

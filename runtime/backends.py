@@ -196,7 +196,8 @@ class OnnxRuntimeBackend(Backend):
             log.warning("onnxruntime could not start %s; running on %s", ", ".join(dropped), ", ".join(self.providers))
         if precision == "fp16" and _TRT_EP not in self.providers:
             raise BackendError("fp16 with onnxruntime needs its TensorRT provider (the session runs on "
-                               f"{', '.join(self.providers)}); use fp32/int8, or a TensorRT engine")
+                               f"{', '.join(self.providers)}); use fp32/int8, or a TensorRT engine (fp16 accuracy "
+                               "is measured on a CPU by `mnet export fp16 BUNDLE DATA`)")
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
         shape = list(inp.shape)

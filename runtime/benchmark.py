@@ -7,7 +7,8 @@ p50/p90 and the device, so a card gathers latencies from several machines (serve
 and device in interleaved rounds (the median of the rounds' medians: a loaded machine drifts, and
 interleaving spreads the drift over every precision alike), then records in `card.precision_choice` the
 fastest one whose recorded accuracy drop vs fp32 (`metrics.<precision>.drop_points`, from `mnet calibrate
-int8`) is within the tolerance; `--precision auto` runs that one. numpy only, like the rest of the runtime.
+int8` and `mnet export fp16 BUNDLE DATA`) is within the tolerance, measured on the very model file the
+backend runs (sha256); `--precision auto` runs that one. numpy only, like the rest of the runtime.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = ["ACCURACY_TOLERANCE_POINTS", "accuracy_drop", "choose_precision", "la
 
 # the INT8 target (README, bench/inference.py): at most 0.5 points of accuracy lost vs fp32
 ACCURACY_TOLERANCE_POINTS = 0.5
+# the stage that records `metrics.<precision>.drop_points` (with the sha256 of the model it measured)
+_MEASURED_BY = {"int8": "mnet calibrate int8 BUNDLE DATA", "fp16": "mnet export fp16 BUNDLE DATA"}
 
 
 def latency_key(backend: str, providers: tuple[str, ...], precision: str, batch: int) -> str:
@@ -70,16 +73,21 @@ def accuracy_drop(card: BundleCard, precision: str, model_sha256: str | None = N
     """The card's accuracy drop vs fp32 in points for `precision`, or None and why there is none to trust.
 
     `model_sha256` is that of the ONNX file the measured backend runs (for TensorRT, the one its engine was
-    built from): a model changed since its accuracy was measured has no accuracy either."""
+    built from): a model changed since its accuracy was measured has no accuracy either. metrics.fp16 was
+    measured on model.fp16.onnx (`sha256`), which TensorRT 11 builds from; TensorRT's FP16 builder flag
+    (<= 10) and onnxruntime's TensorRT provider run the model.onnx it was converted from (`source_sha256`)
+    at half precision, so that file counts as measured too."""
     if precision == "fp32":
         return 0.0, ""
+    stage = _MEASURED_BY.get(precision)
     rec = card.metrics.get(precision)
     if not isinstance(rec, dict) or not isinstance(rec.get("drop_points"), (int, float)):
-        how = "measure it with `mnet calibrate int8 BUNDLE DATA`" if precision == "int8" else "no mnet stage measures it"
+        how = f"measure it with `{stage}`" if stage else "no mnet stage measures it"
         return None, f"no {precision} accuracy in the card (metrics.{precision}.drop_points; {how})"
-    if model_sha256 and rec.get("sha256") and rec["sha256"] != model_sha256:
+    measured = {rec.get("sha256")} | ({rec.get("source_sha256")} if precision == "fp16" else set())
+    if model_sha256 and rec.get("sha256") and model_sha256 not in measured:
         return None, (f"the {precision} model is not the one metrics.{precision} measured (sha256 differs); "
-                      "recalibrate, or rebuild its engine")
+                      f"measure it again (`{stage}`), or rebuild its engine")
     return float(rec["drop_points"]), ""
 
 

@@ -7,6 +7,7 @@ printed by `mnet evaluate BUNDLE DATA` is the number the deployed model earns.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Optional
 
@@ -19,9 +20,35 @@ from mnet.metrics import Metrics, compute_metrics
 from mnet.preprocess import Preprocess
 from mnet.runtime.backends import Backend, open_backend
 
-__all__ = ["card_accuracy", "evaluate_bundle", "evaluate_split", "predict_images"]
+__all__ = ["card_accuracy", "evaluate_bundle", "evaluate_split", "labelled_splits", "predict_images"]
+
+log = logging.getLogger(__name__)
 
 Progress = Optional[Callable[[int, int], None]]
+
+
+def labelled_splits(data_root: str | os.PathLike, b: Bundle, eval_split: str,
+                    warnings: list[str]) -> dict[str, Split]:
+    """What a precision's accuracy is measured on (`mnet calibrate int8`, `mnet export fp16`): `eval_split`,
+    which must be labelled with the model's classes (else DataError), and a labelled test split when there
+    is one. That one is an extra figure: a test split that cannot be read (an empty or broken list) is
+    reported in `warnings`, not fatal, and an unlabelled one (a release test set) is simply not scored."""
+    pre, dataset = b.card.preprocess, Dataset(data_root)
+    ev = dataset.load(eval_split, pre)
+    if not ev.labelled or tuple(ev.classes) != tuple(b.card.classes):
+        raise DataError(f"{data_root}: split '{eval_split}' must be labelled with the model's classes "
+                        f"{list(b.card.classes)}")
+    splits = {eval_split: ev}
+    if eval_split != "test" and "test" in dataset.splits():
+        try:
+            test = dataset.load("test", pre)
+        except DataError as e:
+            warnings.append(f"test split not measured: {e}")
+            log.warning(warnings[-1])
+        else:
+            if test.labelled and tuple(test.classes) == tuple(b.card.classes):
+                splits["test"] = test
+    return splits
 
 
 def predict_images(backend: Backend, images_rgb: np.ndarray, preprocess: Preprocess, batch_size: int = 64,
@@ -60,15 +87,21 @@ def evaluate_bundle(bundle: Bundle | str | os.PathLike, data_root: str | os.Path
 
 
 def card_accuracy(bundle: Bundle | str | os.PathLike, split: str, precision: str) -> float | None:
-    """The accuracy the bundle's card recorded on `split` at `precision` (fp32 or int8), or None.
+    """The accuracy the bundle's card recorded on `split` at `precision` (fp32, fp16 or int8), or None.
 
-    `mnet calibrate int8` measures both precisions with onnxruntime CPU on its split and on a labelled
-    test split (`metrics.int8.by_split`); cards written before `by_split` hold the one split.
+    `mnet calibrate int8` and `mnet export fp16 BUNDLE DATA` measure fp32 and their precision with
+    onnxruntime CPU on their split and on a labelled test split (`metrics.<precision>.by_split`); cards
+    written before `by_split` hold the one split. fp32 comes from either record (the int8 one first).
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    record = b.card.metrics.get("int8") or {}
-    row = (record.get("by_split") or {}).get(split)
-    if row is None and record.get("split") == split:
-        row = record
-    key = {"int8": "accuracy", "fp32": "fp32_accuracy"}.get(precision)
-    return None if row is None or key is None or row.get(key) is None else float(row[key])
+    key = "fp32_accuracy" if precision == "fp32" else "accuracy"
+    for name in ("int8", "fp16") if precision == "fp32" else (precision,):
+        record = b.card.metrics.get(name)
+        if not isinstance(record, dict):
+            continue
+        row = (record.get("by_split") or {}).get(split)
+        if row is None and record.get("split") == split:
+            row = record
+        if row is not None and row.get(key) is not None:
+            return float(row[key])
+    return None

@@ -1,4 +1,4 @@
-"""`mnet export onnx`, `mnet export tensorrt` and `mnet bundle show`: thin wrappers over mnet.export."""
+"""`mnet export onnx|fp16|tensorrt` and `mnet bundle show|bench`: thin wrappers over mnet.export and mnet.runtime."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from mnet.cli._common import console, err, print_json
 
 __all__ = ["bundle_app", "export_app", "register"]
 
-export_app = typer.Typer(help="Export a trained model: a verified ONNX bundle, then TensorRT engines on the device.",
-                         no_args_is_help=True)
+export_app = typer.Typer(help="Export a trained model: a verified ONNX bundle, its fp16 model, then TensorRT "
+                                   "engines on the device.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Inspect bundles (model.onnx + mnet.json + optional int8 model and engines).",
                          no_args_is_help=True)
 
@@ -44,6 +44,34 @@ def onnx_cmd(
                   f"{b.onnx_path.stat().st_size / 1e6:.2f} MB")
     console.print(f"  parity on {p['images']} images ({p['source']}): max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
                   f"top-1 agreement {p['top1_agreement']:.3f}", highlight=False)
+
+
+@export_app.command("fp16")
+def fp16_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mnet export onnx`).")],
+    data: Annotated[Optional[Path], typer.Argument(help="Dataset whose dev split measures fp32 vs fp16 accuracy "
+                                                        "(without it nothing is measured, and `--precision auto` "
+                                                        "never chooses fp16).")] = None,
+    split: Annotated[str, typer.Option(help="Split the fp32 and fp16 accuracies are measured on.")] = "dev",
+) -> None:
+    """Write model.fp16.onnx (half precision, fp32 I/O) and record fp32 vs fp16 accuracy in the card."""
+    from mnet.export.fp16 import export_fp16
+
+    with err.status("fp16 …") as status:
+        report = export_fp16(bundle, data, eval_split=split, on_stage=lambda s: status.update(f"fp16: {s} …"))
+    for w in report.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"{report.path} (sha256 {report.sha256[:12]}…)", highlight=False)
+    if not report.measured:
+        err.print(f"note: no accuracy measured, so `--precision auto` will not choose fp16; "
+                  f"measure it with: mnet export fp16 {bundle} DATA", highlight=False)
+        return
+    t = Table(title="fp16 vs fp32 (onnxruntime CPU, fp16 weights and activations)")
+    for col in ("split", "fp32 accuracy", "fp16 accuracy", "drop (points)", "top-1 agreement"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{report.split} (n={report.n})", f"{report.fp32_accuracy:.4f}", f"{report.accuracy:.4f}",
+              f"{report.drop_points:+.2f}", f"{report.top1_agreement:.3f}")
+    console.print(t)
 
 
 @export_app.command("tensorrt")
