@@ -173,3 +173,116 @@ def test_an_unreadable_test_split_is_reported_not_fatal(colour_data, tmp_path_fa
 def test_int8_backend_needs_calibration_first(colour_data, tmp_path_factory):
     with pytest.raises(BackendError, match="mnet calibrate int8"):
         open_backend(exported_bundle(colour_data, tmp_path_factory), "onnxruntime", "int8")
+
+
+def _fp32_weight(graph, node_name: str) -> bool:
+    """Whether the Conv `node_name` reads its weight as a float initializer (not through DequantizeLinear)."""
+    inits = {t.name: t for t in graph.initializer}
+    node = next(n for n in graph.node if n.name == node_name)
+    return node.input[1] in inits and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
+
+
+def test_keep_fp32_list_leaves_named_op_types_and_nodes_unquantised(colour_data, tmp_path_factory, tmp_path):
+    """An explicit --keep-fp32 list: the named Conv keeps float weights, the named op type gets no Q/DQ of its
+    own, the card says what was kept, and TensorRT can still build the graph."""
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    convs = [n.name for n in onnx.load(str(b / "model.onnx")).graph.node if n.op_type == "Conv"]
+    full = copy_bundle(b, tmp_path / "full")
+    calibrate_int8(full, colour_data, samples=32)
+    report = calibrate_int8(b, colour_data, samples=32, keep_fp32=f"ReduceMean,{convs[0]}")
+    g = onnx.load(str(b / "model.int8.onnx")).graph
+    assert _fp32_weight(g, convs[0]) and not _fp32_weight(g, convs[1])
+    assert not _fp32_weight(onnx.load(str(full / "model.int8.onnx")).graph, convs[0])
+    assert qdq_node_counts(b / "model.int8.onnx")["QuantizeLinear"] < qdq_node_counts(
+        full / "model.int8.onnx")["QuantizeLinear"]
+    kept = load_bundle(b).card.metrics["int8"]["keep_fp32"]
+    assert kept == {"mode": "list", "op_types": ["ReduceMean"], "nodes": [convs[0]]} == report.keep_fp32
+    assert report.tensorrt_compatible and tensorrt_qdq_problems(onnx.load(str(b / "model.int8.onnx"))) == []
+    assert load_bundle(full).card.metrics["int8"]["keep_fp32"] == {"mode": "none", "op_types": [], "nodes": []}
+
+
+def test_keep_fp32_unknown_name_says_what_the_model_has(colour_data, tmp_path_factory, tmp_path):
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"--keep-fp32 Softmaxx: not an op type or node name.*Conv"):
+        calibrate_int8(b, colour_data, samples=32, keep_fp32="Softmaxx")
+    with pytest.raises(ConfigError, match="'auto' stands alone"):
+        calibrate_int8(b, colour_data, samples=32, keep_fp32="auto,Conv")
+    assert not (b / "model.int8.onnx").exists()
+
+
+def test_keep_fp32_auto_keeps_what_measures_faster(colour_data, tmp_path_factory, tmp_path, monkeypatch):
+    """auto tries every quantisable op type but Conv, then every Conv node, keeps a candidate when the timing
+    says it is faster by the margin and checks it again (a stand-in timing here: only the first candidate is
+    faster, and quantising it again is slower)."""
+    import mnet.calibration.int8 as q
+
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    tried = []
+
+    def fake_speedup(best, cand, input_name, x, threads):
+        tried.append(cand.name)
+        return 0.5 if cand.name.startswith("check_") else 1.5 if len(tried) == 1 else 1.0
+
+    monkeypatch.setattr(q, "_paired_speedup", fake_speedup)
+    monkeypatch.setattr(q, "_ROUNDS", 2)
+    monkeypatch.setattr(q, "_REPS", 2)
+    report = calibrate_int8(b, colour_data, samples=32, keep_fp32="auto")
+    kept = report.keep_fp32
+    names = [t["name"] for t in kept["trials"]]
+    convs = [n.name for n in onnx.load(str(b / "model.onnx")).graph.node if n.op_type == "Conv"]
+    assert "Conv" not in names and set(convs) <= set(names) and len(tried) == len(names) + 1
+    assert [t["name"] for t in kept["trials"] if t["kept_fp32"]] == kept["op_types"] + kept["nodes"] == names[:1]
+    assert kept["checks"] == [{"kind": kept["trials"][0]["kind"], "name": names[0], "requantised_speedup": 0.5,
+                               "kept_fp32": True}]
+    assert kept["mode"] == "auto" and kept["threads"] == 1 and kept["min_gain"] == q._MIN_GAIN
+    assert all(kept[k] > 0 for k in ("fp32_ms", "all_int8_ms", "int8_ms"))
+    assert load_bundle(b).card.metrics["int8"]["keep_fp32"]["trials"] == kept["trials"]
+    assert report.tensorrt_compatible
+
+
+def test_keep_fp32_auto_drops_a_win_the_check_does_not_repeat_and_keeps_something_int8(
+        colour_data, tmp_path_factory, tmp_path, monkeypatch):
+    """Every candidate 'faster' but the last (it would leave nothing quantised: skipped); the check then finds
+    re-quantising each kept one no slower, so all go back to int8."""
+    import mnet.calibration.int8 as q
+
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    monkeypatch.setattr(q, "_paired_speedup", lambda best, cand, *a: 1.0 if cand.name.startswith("check_") else 1.5)
+    monkeypatch.setattr(q, "_ROUNDS", 1)
+    monkeypatch.setattr(q, "_REPS", 1)
+    kept = calibrate_int8(b, colour_data, samples=32, keep_fp32="auto").keep_fp32
+    assert kept["trials"][-1]["speedup"] is None and not kept["trials"][-1]["kept_fp32"]
+    assert all(t["kept_fp32"] for t in kept["trials"][:-1]) and len(kept["checks"]) == len(kept["trials"]) - 1
+    assert not any(c["kept_fp32"] for c in kept["checks"]) and kept["op_types"] == kept["nodes"] == []
+    assert qdq_node_counts(b / "model.int8.onnx")["QuantizeLinear"] > 0
+
+
+def test_cli_keep_fp32_auto_prints_what_it_kept(colour_data, tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """Real timing, few rounds: whatever it keeps, the CLI says so with the measured latencies."""
+    import mnet.calibration.int8 as q
+    from mnet.cli import main
+
+    monkeypatch.setattr(q, "_ROUNDS", 2)
+    monkeypatch.setattr(q, "_REPS", 3)
+    b = copy_bundle(exported_bundle(colour_data, tmp_path_factory), tmp_path / "b")
+    assert main(["calibrate", "int8", str(b), str(colour_data), "--samples", "32", "--keep-fp32", "auto"]) == 0
+    out = capsys.readouterr().out
+    kept = load_bundle(b).card.metrics["int8"]["keep_fp32"]
+    assert kept["mode"] == "auto" and qdq_node_counts(b / "model.int8.onnx")["QuantizeLinear"] > 0
+    if kept["op_types"] or kept["nodes"]:
+        assert re.search(r"kept fp32 \(auto\): .*; [0-9.]+ ms vs all-int8 [0-9.]+ ms, fp32 [0-9.]+ ms \(1 thread",
+                         out)
+    else:
+        assert re.search(r"kept fp32 \(auto\): nothing measured faster in fp32; int8 [0-9.]+ ms, fp32 [0-9.]+ ms",
+                         out)
+
+
+def test_paired_drop_standard_error():
+    import numpy as np
+
+    from mnet.calibration.int8 import _paired_drop_se
+
+    labels = np.zeros(4, int)
+    # one image only fp32 gets right, one only int8: drop 0, se = sqrt(2) / 4
+    assert _paired_drop_se(labels, np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(100 * 2**0.5 / 4)
+    assert _paired_drop_se(labels, np.zeros(4, int), np.zeros(4, int)) == 0.0

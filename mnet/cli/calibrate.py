@@ -28,6 +28,11 @@ def int8(
     activations: Annotated[str, typer.Option(help="int8 (symmetric, TensorRT-compatible) or uint8 "
                                                   "(asymmetric, onnxruntime CPU only).")] = "int8",
     split: Annotated[str, typer.Option(help="Split the fp32 and int8 accuracies are measured on.")] = "dev",
+    keep_fp32: Annotated[str, typer.Option(help="Nodes left in fp32: none; auto (time each op type and each Conv "
+                                                "at int8 vs fp32 on this CPU, keep fp32 those slower at int8); or "
+                                                "a comma list of op types / node names.")] = "none",
+    threads: Annotated[int, typer.Option(help="onnxruntime threads the --keep-fp32 auto timing uses (as "
+                                              "deployed).")] = 1,
 ) -> None:
     """Quantise model.onnx to model.int8.onnx (QDQ) and record fp32 vs int8 accuracy in the card."""
     from mnet.calibration.int8 import calibrate_int8
@@ -41,7 +46,8 @@ def int8(
     try:
         with err.status("int8 …") as status:
             report = calibrate_int8(bundle, data, samples, method, per_channel, activations=activations,
-                                    eval_split=split, on_stage=lambda s: status.update(f"int8: {s} …"))
+                                    eval_split=split, keep_fp32=keep_fp32, threads=threads,
+                                    on_stage=lambda s: status.update(f"int8: {s} …"))
     finally:
         lib_log.setLevel(level)
     for w in report.warnings:
@@ -52,6 +58,16 @@ def int8(
     t.add_row(f"{report.split} (n={report.n})", f"{report.fp32_accuracy:.4f}", f"{report.accuracy:.4f}",
               f"{report.drop_points:+.2f}", f"{report.top1_agreement:.3f}")
     console.print(t)
+    kept = report.keep_fp32
+    if kept["op_types"] or kept["nodes"]:
+        line = f"kept fp32 ({kept['mode']}): " + ", ".join(kept["op_types"] + kept["nodes"])
+        if kept["mode"] == "auto":
+            line += (f"; {kept['int8_ms']:.3f} ms vs all-int8 {kept['all_int8_ms']:.3f} ms, fp32 {kept['fp32_ms']:.3f} "
+                     f"ms ({kept['threads']} thread(s))")
+        console.print(line, highlight=False, soft_wrap=True)
+    elif kept["mode"] == "auto":
+        console.print(f"kept fp32 (auto): nothing measured faster in fp32; int8 {kept['int8_ms']:.3f} ms, "
+                      f"fp32 {kept['fp32_ms']:.3f} ms", highlight=False, soft_wrap=True)
     if not report.tensorrt_compatible and report.activations == "uint8":
         err.print("note: uint8 activations run on onnxruntime CPU only; TensorRT needs --activations int8")
 
