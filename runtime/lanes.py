@@ -52,7 +52,7 @@ from mnet.runtime.grader import (
     _Worker,
 )
 from mnet.runtime.localize import Localizer, parse_roi
-from mnet.runtime.sinks import Sinks
+from mnet.runtime.sinks import Sinks, open_sinks
 from mnet.runtime.sources import CaptureFactory, Source, Status, open_source, parse_uri
 
 from mnet.errors import ConfigError, SourceError
@@ -67,7 +67,7 @@ _log = logging.getLogger(__name__)
 # A dynamic-batch model has no limit of its own; past a few dozen crops a CPU call gains nothing more
 # and one lane's views would wait behind everybody's.
 _DEFAULT_MAX_BATCH = 32
-_LANE_KEYS = ("name", "source", "roi", "trigger_x")
+_LANE_KEYS = ("name", "source", "roi", "trigger_x", "save")
 
 
 # ------------------------------------------------------------------------------------------ lanes file
@@ -76,12 +76,14 @@ _LANE_KEYS = ("name", "source", "roi", "trigger_x")
 @dataclass(frozen=True)
 class LaneSpec:
     """One lane: a name (shown in the summary), a source (URI or an open Source), its belt region and
-    trigger line (None: the run's GradeConfig values)."""
+    trigger line (None: the run's GradeConfig values), and where its annotated video goes (`save`: a
+    video file, rtp://HOST:PORT or rtsp://HOST:PORT/PATH; None: nowhere)."""
 
     name: str
     source: str | int | Source
     roi: tuple[int, int, int, int] | None = None
     trigger_x: float | None = None
+    save: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -93,7 +95,7 @@ class LaneSpec:
     def to_json(self) -> dict[str, Any]:
         src = self.source.uri if isinstance(self.source, Source) else redact(str(self.source))
         return {"name": self.name, "source": src, "roi": list(self.roi) if self.roi else None,
-                "trigger_x": self.trigger_x}
+                "trigger_x": self.trigger_x, "save": None if self.save is None else redact(self.save)}
 
 
 def _lane_error(path: str, where: str, value: Any, expected: str) -> ConfigError:
@@ -106,8 +108,9 @@ def load_lanes(path: str | os.PathLike) -> list[LaneSpec]:
         {"lanes": [{"name": "left", "source": "rtsp://cam-a/belt", "roi": [0, 80, 640, 320], "trigger_x": 320},
                    {"name": "right", "source": "/dev/v4l/by-id/usb-cam-b", "roi": "0,60,640,360"}]}
 
-    `source` is required; `name` defaults to "lane<i>"; `roi` (x,y,w,h) and `trigger_x` are optional.
-    Source URIs are parsed here (not opened), so a typo fails before any lane starts.
+    `source` is required; `name` defaults to "lane<i>"; `roi` (x,y,w,h), `trigger_x` and `save` (the
+    lane's annotated video: a file or an rtp:// / rtsp:// stream) are optional. Source URIs are parsed
+    here (not opened), so a typo fails before any lane starts.
     """
     where = str(path)
     try:
@@ -153,7 +156,10 @@ def load_lanes(path: str | os.PathLike) -> list[LaneSpec]:
         if trigger is not None and (isinstance(trigger, bool) or not isinstance(trigger, (int, float))
                                     or not math.isfinite(trigger) or trigger < 0):
             raise _lane_error(where, f"{at}.trigger_x", trigger, "a number of pixels >= 0")
-        lanes.append(LaneSpec(name.strip(), source, roi, None if trigger is None else float(trigger)))
+        save = d.get("save")
+        if save is not None and (not isinstance(save, str) or not save.strip()):
+            raise _lane_error(where, f"{at}.save", save, "a video file or an rtp://HOST:PORT / rtsp:// URI")
+        lanes.append(LaneSpec(name.strip(), source, roi, None if trigger is None else float(trigger), save))
     names = [lane.name for lane in lanes]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -351,21 +357,24 @@ class _Outages:
             self.seconds += idle
 
 
-class _SharedSinks:
-    """The run's sinks as one lane sees them: writes from lane threads one at a time; no frames (the
-    annotated video and window are single-source)."""
+class _LaneSinks:
+    """The run's sinks as one lane sees them (writes from lane threads one at a time), and the lane's own
+    annotated video, if it has one (its frames go there only)."""
 
-    wants_frames = False
+    def __init__(self, sinks: Sinks, lock: threading.Lock, video: Sinks | None) -> None:
+        self._sinks, self._lock, self.video = sinks, lock, video
 
-    def __init__(self, sinks: Sinks, lock: threading.Lock) -> None:
-        self._sinks, self._lock = sinks, lock
+    @property
+    def wants_frames(self) -> bool:
+        return self.video is not None and self.video.wants_frames
 
     def write(self, event: Any) -> None:
         with self._lock:
             self._sinks.write(event)
 
-    def frame(self, frame: np.ndarray, info: FrameInfo) -> None:  # never called: wants_frames is False
-        pass
+    def frame(self, frame: np.ndarray, info: FrameInfo) -> None:
+        if self.video is not None:
+            self.video.frame(frame, info)
 
 
 @dataclass
@@ -377,10 +386,11 @@ class LaneResult:
     outages: int = 0  # stretches without frames (reads that timed out or failed) on a live source
     outage_s: float = 0.0
     error: str | None = None  # why the lane ended early (its source could not be opened, a backend fault)
+    video: dict[str, Any] | None = None  # its annotated video's Sinks.report() row (written, error, ...)
 
     def to_json(self) -> dict[str, Any]:
         return {"lane": self.index, "name": self.name, "source": self.source, "outages": self.outages,
-                "outage_s": round(self.outage_s, 3), "error": self.error,
+                "outage_s": round(self.outage_s, 3), "error": self.error, "video": self.video,
                 **(self.summary.to_json() if self.summary else {})}
 
 
@@ -441,7 +451,9 @@ def grade_lanes(
     """Grade every lane until each has ended (or `stop` is set); one backend call per batch of crops.
 
     Takes ownership of `sinks` (closed on return) and of the sources it opens from URIs (an open Source
-    in a LaneSpec stays the caller's). `on_frame(lane, frame, info)` runs on the lane's thread.
+    in a LaneSpec stays the caller's). A lane's `save` is opened before any lane starts (a stream that
+    cannot start is a ConfigError then); a video that fails later stops only that video, reported in
+    its LaneResult.video. `on_frame(lane, frame, info)` runs on the lane's thread.
     `localizer(lane, config)`: a localiser per lane (tests); default the HSV one from the lane's config.
     Raises the backend's error (after every lane has written what it could) when the shared worker
     fails; a lane whose source fails only ends that lane (LaneResult.error).
@@ -457,8 +469,12 @@ def grade_lanes(
     results = [LaneResult(i, lane.name, lane.to_json()["source"]) for i, lane in enumerate(lanes)]
     fatal: list[BaseException] = []
     batcher = None
+    videos: list[Sinks | None] = []
     start = time.perf_counter()
     try:
+        for lane in lanes:  # before grading: a stream that cannot start stops the run having graded nothing
+            videos.append(None if lane.save is None else
+                          open_sinks(save=lane.save, video_size=config.input_size, raise_on_close=False))
         sinks.start([str(c) for c in classes])
         batcher = Batcher(backend, classes, max_batch=config.max_batch,
                           max_consecutive_failures=config.max_consecutive_failures)
@@ -466,7 +482,7 @@ def grade_lanes(
             with Grader(backend, preprocess, classes, replace(config, run_id=run_id),
                         worker=batcher.port(-1, 1)) as g:
                 g.warmup()
-        shared = _SharedSinks(sinks, threading.Lock())
+        lock = threading.Lock()
 
         def lane_main(i: int) -> None:
             spec, res = lanes[i], results[i]
@@ -483,10 +499,11 @@ def grade_lanes(
                 with Grader(backend, preprocess, classes, cfg, model=model, source=src.uri, localizer=loc,
                             block_views=not src.live, worker=batcher.port(i, cfg.queue_depth), lane=i) as g:
                     _log.info("lane %d (%s): %s", i, spec.name, g.source)
+                    mine = _LaneSinks(sinks, lock, videos[i])
                     try:
-                        res.summary = _run(g, meter, shared, stop, cb)
+                        res.summary = _run(g, meter, mine, stop, cb)
                     except BaseException as exc:
-                        _salvage(g, shared, exc)
+                        _salvage(g, mine, exc)
                         raise
                     finally:
                         meter.end()
@@ -501,6 +518,9 @@ def grade_lanes(
             finally:
                 if own and src is not None:
                     src.close()
+                if videos[i] is not None:  # the lane's video ends with the lane (a file is whole at once)
+                    videos[i].close()
+                    res.video = videos[i].report()[0]
 
         threads = [threading.Thread(target=lane_main, args=(i,), name=f"mnet-lane[{i}]", daemon=True)
                    for i in range(len(lanes))]
@@ -520,6 +540,9 @@ def grade_lanes(
             if batcher is not None:
                 batcher.close()
         finally:
+            for video in videos:  # those whose lane never ran (closing twice does nothing)
+                if video is not None:
+                    video.close()
             sinks.close()
     summary = LanesSummary(results, run_id, time.perf_counter() - start,
                            batcher.stats() if batcher is not None else {}, stopped=stop.is_set())

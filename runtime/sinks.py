@@ -58,6 +58,7 @@ __all__ = [
     "parse_stream_uri",
     "pick_encoder",
     "stream_pipeline",
+    "text_on_box",
 ]
 
 _log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Sink:
 
     name = "sink"
     wants_frames = False
+    stores = True  # keeps events (a file, a broker); a viewer of them (the live view) sets False
 
     def write(self, event: GradeEvent) -> None:
         raise NotImplementedError
@@ -172,8 +174,9 @@ class Sinks:
             except Exception as e:  # noqa: BLE001 -- collected: the other sinks must still get this event
                 slot.missed += 1
                 self._fail(slot, e, f"cannot write event {event.fruit_id}")
-        if self._slots and all(sl.error is not None for sl in self._slots) and not self._raised:
-            # Nowhere left to write: grading on would only lose more fruit.
+        stores = [sl for sl in self._slots if getattr(sl.sink, "stores", True)]
+        if stores and all(sl.error is not None for sl in stores) and not self._raised:
+            # Nowhere left to keep events (a live view only shows them): grading on would only lose more fruit.
             self._raised = True
             raise self._error("no sink left to write to")
 
@@ -751,7 +754,7 @@ def _colour(i: int) -> tuple[int, int, int]:
     return _CLASS_COLOURS[i % len(_CLASS_COLOURS)]
 
 
-def _text_on_box(img: np.ndarray, text: str, org: tuple[int, int], colour: tuple[int, int, int]) -> None:
+def text_on_box(img: np.ndarray, text: str, org: tuple[int, int], colour: tuple[int, int, int]) -> None:
     """Draw `text` once, on a filled dark box so it reads on any belt. Not a thick dark copy under it
     as an outline: in OpenCV 5 a glyph's advance grows with the stroke thickness, so the two copies
     drift apart along the line and the text smears."""
@@ -786,11 +789,11 @@ def annotate(frame: np.ndarray, info: FrameInfo) -> np.ndarray:
         cv2.rectangle(img, (b.x, b.y), (b.x2 - 1, b.y2 - 1), colour, 2)
         cv2.putText(img, label, (b.x, max(12, b.y - 4)), font, 0.45, colour, 1, cv2.LINE_AA)
     status = f"{info.fps:5.1f} fps  graded {info.graded}  dropped {info.dropped}"
-    _text_on_box(img, status, (6, 18), (255, 255, 255))
+    text_on_box(img, status, (6, 18), (255, 255, 255))
     if info.last_event is not None:
         e = info.last_event
         text = f"last: #{e.fruit_id} {e.grade} ({e.confidence:.2f})"
-        _text_on_box(img, text, (6, h - 8), _colour(list(e.probs).index(e.grade)))
+        text_on_box(img, text, (6, h - 8), _colour(list(e.probs).index(e.grade)))
     return img
 
 

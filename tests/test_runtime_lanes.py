@@ -241,6 +241,37 @@ def test_lanes_file_reads_names_sources_rois_and_triggers(clips, tmp_path):
     assert (a.name, a.roi, a.trigger_x) == ("left", (0, 80, 640, 320), 320.0)
     assert (b.name, b.roi, b.trigger_x) == ("lane1", (0, 60, 640, 360), None)
     assert load_lanes(_write(tmp_path, [{"source": "0"}], "list.json"))[0].source == "0"  # a bare list too
+    (c,) = load_lanes(_write(tmp_path, [{"source": "0", "save": "rtsp://u:pw@h:8554/left"}], "save.json"))
+    assert c.save == "rtsp://u:pw@h:8554/left" and "pw" not in json.dumps(c.to_json())
+
+
+def _frames_in(path):
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def test_each_lane_writes_its_own_annotated_video(clips, tmp_path):
+    specs = [LaneSpec(name, str(path), save=str(tmp_path / f"{name}.avi"))
+             for name, (path, _) in zip(("left", "right"), clips)]
+    summary = grade_lanes(_ByPixels(), Preprocess((24, 32)), CLASSES, specs, GradeConfig())
+    for res, (_, truth) in zip(summary.lanes, clips):
+        assert res.video["error"] is None and res.video["sink"] == f"video {tmp_path / res.name}.avi"
+        assert _frames_in(tmp_path / f"{res.name}.avi") == res.summary.frames_processed == truth["frames"]
+
+
+def test_a_lane_stream_that_cannot_start_stops_the_run_before_grading(clips, monkeypatch):
+    import mnet.runtime.sources
+
+    monkeypatch.setattr(mnet.runtime.sources, "has_gstreamer", lambda: False)
+    got = _Collect()
+    specs = [LaneSpec("left", str(clips[0][0])), LaneSpec("right", str(clips[1][0]), save="rtp://127.0.0.1:5004")]
+    with pytest.raises(ConfigError, match="rtp://127.0.0.1:5004.*GStreamer"):
+        grade_lanes(_ByPixels(), Preprocess((24, 32)), CLASSES, specs, GradeConfig(), Sinks([got]))
+    assert got.events == []
 
 
 @pytest.mark.parametrize("data, words", [
@@ -255,6 +286,7 @@ def test_lanes_file_reads_names_sources_rois_and_triggers(clips, tmp_path):
     ({"lanes": [{"source": "0", "speed": 3}]}, ["lanes[0] field(s)", "'speed'"]),
     ({"lanes": [{"source": "0", "name": "a"}, {"source": "1", "name": "a"}]}, ["lane names", "'a'"]),
     ({"lanes": [{"source": "0", "name": ""}]}, ["lanes[0].name"]),
+    ({"lanes": [{"source": "0", "save": 5}]}, ["lanes[0].save", "5"]),
 ])
 def test_lanes_file_errors_name_the_field(tmp_path, data, words):
     with pytest.raises(ConfigError) as e:
@@ -299,12 +331,24 @@ def test_cli_grades_two_sources_as_two_lanes(clips, fake_bundle, tmp_path, capsy
     assert s["batcher"]["calls"] >= 1 and "2 lanes" in out
 
 
+def test_cli_saves_one_annotated_video_per_lane(clips, fake_bundle, tmp_path, capsys):
+    lanes = _write(tmp_path, {"lanes": [{"name": "left", "source": str(clips[0][0]),
+                                         "save": str(tmp_path / "own.avi")}]})
+    rc = main(["grade", fake_bundle, "--lanes", str(lanes), "--source", str(clips[1][0]),
+               "--save", str(tmp_path / "belt-{lane}-{index}.avi"), "--events", str(tmp_path / "e.jsonl")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert _frames_in(tmp_path / "own.avi") == clips[0][1]["frames"]  # the lanes file's own save wins
+    assert _frames_in(tmp_path / "belt-lane1-1.avi") == clips[1][1]["frames"]
+    assert "annotated video → video" in out
+
+
 def test_cli_lanes_file_error_is_one_line_and_exit_2(clips, fake_bundle, tmp_path, capsys):
     bad = _write(tmp_path, {"lanes": [{"source": str(clips[0][0]), "roi": "x"}]})
     assert main(["grade", fake_bundle, "--lanes", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "lanes[0].roi" in err and len(err.strip().splitlines()) == 1
     assert main(["grade", fake_bundle, "--source", "0", "--source", "1", "--save", str(tmp_path / "v.avi")]) == 2
-    assert "--save with 2 lanes" in capsys.readouterr().err
+    assert "--save with 2 lanes" in capsys.readouterr().err  # one file for two videos: {lane} says which
     assert main(["grade", fake_bundle]) == 2  # no source at all
     assert "--source: missing" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,13 +20,15 @@ from mnet.errors import ConfigError, SourceError
 def grade_lanes(b: Any, net: Any, precision: str, cfg: Any, sources: list[str], lanes_file: Optional[Path], *,
                 events: Optional[str], fsync_every: bool, csv: Optional[Path], mqtt: Optional[str],
                 mqtt_password_file: Optional[Path], mqtt_spool: Optional[Path], mqtt_client_id: Optional[str],
-                summary_json: Optional[Path], single_only: dict[str, Any]) -> None:
+                summary_json: Optional[Path], save: Optional[str], serve: Optional[str], serve_token: Optional[str],
+                single_only: dict[str, Any]) -> None:
     """Lanes from the file first, then one per --source (named lane<index>); --roi / --trigger-x apply to
-    every lane that does not set its own."""
+    every lane that does not set its own, and --save (with {lane} or {index} in it) to every lane
+    without a `save` of its own."""
     from mnet.io import write_json
     from mnet.runtime.grader import stop_on_signals
     from mnet.runtime.lanes import LaneSpec, grade_lanes as run_lanes, load_lanes
-    from mnet.runtime.sinks import open_sinks
+    from mnet.runtime.sinks import SinkError, open_sinks
     from mnet.runtime.sources import parse_uri
 
     if not sources and lanes_file is None:
@@ -36,17 +40,35 @@ def grade_lanes(b: Any, net: Any, precision: str, cfg: Any, sources: list[str], 
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"lane names = {names!r}: a name in --lanes clashes with a --source lane's; rename it")
+    if save:
+        if "{lane}" not in save and "{index}" not in save:
+            raise ConfigError(f"--save with {len(specs)} lanes: one video per lane, so put {{lane}} (its name) or "
+                              "{index} in it, e.g. --save 'annotated-{lane}.mp4' or rtp://HOST:500{index}; or give "
+                              "lanes a \"save\" each in --lanes FILE")
+        specs = [spec if spec.save else replace(spec, save=save.replace("{lane}", spec.name).replace("{index}", str(i)))
+                 for i, spec in enumerate(specs)]
     for option, value in single_only.items():
         if value:
-            raise ConfigError(f"{option} with {len(specs)} lanes: not available yet with several lanes (it shows one "
-                              "source); grade one --source to use it")
+            raise ConfigError(f"{option} with {len(specs)} lanes: it shows one source; watch every lane's annotated "
+                              "video with --serve 127.0.0.1:8080 instead, or grade one --source")
+    view = None
+    if serve:  # listening before the sinks open: a port in use fails here, having written nothing
+        from mnet.runtime.serve import LiveView, ServeConfig
+
+        view = LiveView(ServeConfig.parse(serve, serve_token), backend=net.name, precision=precision,
+                        model=b.card.display_name, lanes=[(s.name, s.to_json()["source"]) for s in specs]).start()
+        net = view.watch(net, warmup=cfg.warmup)  # counts views, inference errors and latency for the view
     to_stdout = events == "-"
     sinks = open_sinks(events=None if to_stdout else events, csv_path=csv, mqtt=mqtt,
                        stream=sys.stdout if to_stdout else None, classes=b.card.classes, fsync_each=fsync_every,
                        raise_on_close=False, mqtt_spool=mqtt_spool, mqtt_password_file=mqtt_password_file,
                        mqtt_client_id=mqtt_client_id)
+    if view is not None:
+        sinks.add(view.sink())
     status = err if to_stdout else console
     status.print(f"grading {len(specs)} lanes with {b.card.display_name} on {net.describe()}")
+    if view is not None:
+        status.print(f"live view → {view.url}   metrics → {view.url}metrics")
     stop = threading.Event()
     last: dict[int, Any] = {}
     lock = threading.Lock()
@@ -62,8 +84,11 @@ def grade_lanes(b: Any, net: Any, precision: str, cfg: Any, sources: list[str], 
                       f"dropped {info.dropped}", f"frame {info.stage_ms.get('localise', 0.0):.1f} ms")
         return t
 
-    with stop_on_signals(stop), Live(console=status, refresh_per_second=4, transient=True) as live:
+    with stop_on_signals(stop), contextlib.closing(view) if view else contextlib.nullcontext(), \
+            Live(console=status, refresh_per_second=4, transient=True) as live:
         def on_frame(lane: int, frame: Any, info: Any) -> None:
+            if view is not None:
+                view.on_frame(frame, info, lane)
             with lock:
                 last[lane] = info
                 live.update(table(), refresh=False)
@@ -91,11 +116,18 @@ def grade_lanes(b: Any, net: Any, precision: str, cfg: Any, sources: list[str], 
                  f"call (max {bt.get('max_batch')}), grades {s['grades']}")
     for f in sinks.failed:
         status.print(f"sink {escape(f['sink'])} FAILED: {f['missed']} event(s) missed")
+    videos = [(lane, lane["video"]) for lane in s["lanes"] if lane.get("video")]
+    for lane, v in videos:
+        status.print(f"lane {escape(lane['name'])}: annotated video → {escape(v['sink'])}"
+                     + (f" FAILED: {escape(v['error'])} ({v['frames_missed']} frame(s) missed)" if v["error"] else ""))
     if events and not to_stdout and not any(f["sink"].startswith("jsonl ") for f in sinks.failed):
         status.print(f"events → {escape(events)}")
     if summary_json:
         write_json(summary_json, s)
     sinks.raise_failures()
+    broken = [f"lane {lane['name']}: {v['sink']}: {v['error']}" for lane, v in videos if v["error"]]
+    if broken:  # the events are all there; an annotated video is not: exit 2, as with one source
+        raise SinkError(f"annotated video failed: {'; '.join(broken)}", [v for _, v in videos if v["error"]])
     failed = [lane for lane in s["lanes"] if lane["error"]]
     if failed:  # the other lanes graded to the end; the exit code still says that one did not
         raise SourceError(f"{len(failed)} of {len(specs)} lanes ended early: "

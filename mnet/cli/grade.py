@@ -31,7 +31,7 @@ def grade(
                                                         "rtsp://..., csi://N "
                                                         "(Jetson), gst:PIPELINE, or a directory of images. Repeat it "
                                                         "to grade several lanes in one process.")] = None,
-    lanes: Annotated[Optional[Path], typer.Option(help="JSON file of lanes (name, source, roi, trigger_x each), "
+    lanes: Annotated[Optional[Path], typer.Option(help="JSON file of lanes (name, source, roi, trigger_x, save each), "
                                                   "graded in one process with one batched inference worker.")]
     = None,
     backend: Annotated[str, typer.Option(help="auto, tensorrt, onnxruntime or torch.")] = "auto",
@@ -55,7 +55,8 @@ def grade(
     # A str, not a Path: Path("rtp://h:5000") folds the "//" and the URI is lost.
     save: Annotated[Optional[str], typer.Option(help="Write an annotated video (boxes, IDs, grades, fps) to a file, "
                                                 "or stream it: rtp://HOST:PORT or rtsp://HOST:PORT/PATH (needs "
-                                                "OpenCV with GStreamer, e.g. JetPack's).")] = None,
+                                                "OpenCV with GStreamer, e.g. JetPack's). Several lanes: one "
+                                                "each, named by {lane} (its name) or {index} in it.")] = None,
     show: Annotated[bool, typer.Option(help="Show the annotated video in a window (q quits).")] = False,
     roi: Annotated[Optional[str], typer.Option(help="Region of the belt to watch: x,y,w,h in pixels.")] = None,
     trigger_x: Annotated[Optional[float], typer.Option(help="Emit a fruit's grade when it crosses this x.")] = None,
@@ -97,8 +98,8 @@ def grade(
 
         return grade_lanes(b, net, precision, cfg, source or [], lanes, events=events, fsync_every=fsync is Fsync.every,
                            csv=csv, mqtt=mqtt, mqtt_password_file=mqtt_password_file, mqtt_spool=mqtt_spool,
-                           mqtt_client_id=mqtt_client_id, summary_json=summary_json,
-                           single_only={"--save": save, "--show": show, "--serve": serve})
+                           mqtt_client_id=mqtt_client_id, summary_json=summary_json, save=save,
+                           serve=serve, serve_token=serve_token, single_only={"--show": show})
     source = source[0]
     view = None
     if serve:  # listening before the sinks open: a port in use fails here, having written nothing
@@ -115,6 +116,8 @@ def grade(
                        stream=sys.stdout if to_stdout else None, classes=b.card.classes,
                        fsync_each=fsync is Fsync.every, raise_on_close=False, mqtt_spool=mqtt_spool,
                        mqtt_password_file=mqtt_password_file, mqtt_client_id=mqtt_client_id)
+    if view is not None:
+        sinks.add(view.sink())  # every event, also those flushed after the last frame
     stop = threading.Event()
     status = err if to_stdout else console
     status.print(f"grading {redact(source)} with {b.card.display_name} on {net.describe()}")
