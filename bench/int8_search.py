@@ -36,7 +36,7 @@ The tables' per-op fp32/int8 ratios (p50 ÷ p50, per kernel/dilation and resolut
 as they are: they say which ops ORT runs faster at int8 on this CPU.
 
     python bench/int8_search.py [--route tables|search] [--width 256] [--epochs 12] [--other-epochs 1] [--lr 0.02]
-                                [--n-train 1200] [--n-test 2000] [--random 3] [--rounds 21] [--reps 30] [--work DIR]
+                                [--n-train 1200] [--n-test 2000] [--random 8] [--rounds 21] [--reps 30] [--work DIR]
                                 [--no-write]
 """
 
@@ -160,7 +160,7 @@ def main() -> int:
     p.add_argument("--derive-samples", type=int, default=20)
     p.add_argument("--budget-percentile", type=float, default=10.0,
                    help="the budget: this percentile of the table's predicted latency over uniform archs")
-    p.add_argument("--random", type=int, default=3)
+    p.add_argument("--random", type=int, default=8, help="uniform archs to compare with (default 8)")
     p.add_argument("--route", choices=("tables", "search"), default="tables",
                    help="tables: rank uniform archs with the two tables (minutes); search: mnet search + research "
                         "(too slow at width 256 on a 2-core CPU)")

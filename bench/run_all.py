@@ -26,7 +26,7 @@ SCRIPTS = [
     ("foreign.py", ["--seeds", "2026,2027"]),  # issue 14 item 13: trains a tiny bundle first (minutes)
     ("live_view.py", []),  # issue 15: the cost of `mnet grade --serve`
     ("lanes.py", []),  # issue 15 item 1: concurrent 30-fps camera lanes in one process (3-4 min)
-    ("int8_search.py", []),  # issue 15 item 4: int8 vs fp32 table vs random archs (~15 min cold, trains 5 archs)
+    ("int8_search.py", []),  # issue 15 item 4: int8 vs fp32 table vs 8 random archs (~25 min cold, trains 10 archs)
     ("search_quality.py", []),
     ("controller_planted.py", []),
     ("search_real.py", []),  # Fashion-MNIST: 83 min here with the ground truth cached in /tmp (cold: about 2 h)
