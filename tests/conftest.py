@@ -62,6 +62,40 @@ def train_cut_after_first_epoch(data: Path, arch, out: Path, cfg) -> None:
         train(data, arch, out, cfg, on_epoch=stop_after_first)
 
 
+class ByBrightness:
+    """A backend that grades a crop by its brightness: dark A, mid B, bright C (still shots of 0/120/240)."""
+
+    name = "bright"
+
+    def infer(self, x):
+        out = np.full((len(x), 3), 0.1, np.float32)
+        k = np.clip(((x.mean(axis=(1, 2, 3)) + 2.2) / 1.5).astype(int), 0, 2)
+        out[np.arange(len(x)), k] = 0.8
+        return out
+
+
+class FakeCapture:
+    """A cv2.VideoCapture stand-in for a live camera (30 fps, always open); tests override read()."""
+
+    def __init__(self, target=None, api=None):
+        self.target = target
+
+    def isOpened(self):
+        return True
+
+    def set(self, *a):
+        return True
+
+    def get(self, prop):
+        return 30.0
+
+    def read(self):
+        raise NotImplementedError
+
+    def release(self):
+        pass
+
+
 @pytest.fixture
 def fake_grade(tmp_path, monkeypatch):
     """`mnet grade` on three still images (--full-frame) with a constant backend: no training, no ONNX."""

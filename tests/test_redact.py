@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ByBrightness, FakeCapture
 from mnet.runtime.grader import GradeConfig, Grader, grade
 from mnet.runtime.sinks import open_sinks, parse_mqtt_uri
 from mnet.runtime.sources import parse_uri
@@ -66,41 +67,19 @@ def test_mqtt_uri_errors_do_not_echo_the_password():
         assert "secret" not in str(e.value)
 
 
-class _Bright:
-    name = "bright"
-
-    def infer(self, x):
-        out = np.full((len(x), 3), 0.1, np.float32)
-        k = np.clip(((x.mean(axis=(1, 2, 3)) + 2.2) / 1.5).astype(int), 0, 2)
-        out[np.arange(len(x)), k] = 0.8
-        return out
-
-
 def _camera(frames: int):
     """A fake network camera: `frames` distinct shots, then the stop flag is set by the test."""
     state = {"reads": 0}
 
-    class Camera:
+    class Camera(FakeCapture):
         def __init__(self, target, api):
             assert "secret" in str(target)  # the capture itself still gets the credentials
-            self.target = target
-
-        def isOpened(self):
-            return True
-
-        def set(self, *a):
-            return True
-
-        def get(self, prop):
-            return 30.0
+            super().__init__(target, api)
 
         def read(self):
             time.sleep(0.002)
             state["reads"] += 1
             return True, np.full((48, 64, 3), 120 * (state["reads"] % 3), np.uint8)
-
-        def release(self):
-            pass
 
     return Camera
 
@@ -122,7 +101,7 @@ def test_grading_an_rtsp_source_with_credentials_leaks_them_nowhere(tmp_path, ca
         if len(seen) == 6:
             stop.set()
 
-    summary = grade(_Bright(), Preprocess((24, 32)), CLASSES, uri, GradeConfig.from_options(full_frame=True),
+    summary = grade(ByBrightness(), Preprocess((24, 32)), CLASSES, uri, GradeConfig.from_options(full_frame=True),
                     sinks, stop=stop, on_frame=on_frame, capture_factory=_camera(6))
     events = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert events and {e["source"] for e in events} == {"rtsp://admin:***@cam.local/stream?token=***"}
@@ -141,7 +120,7 @@ def test_grading_a_file_uri_with_credentials_keeps_them_out_of_events(tmp_path, 
     for i in range(3):
         cv2.imwrite(str(shots / f"shot{i}.png"), np.full((48, 64, 3), 120 * i, np.uint8))
     sinks = open_sinks(events=tmp_path / "e.jsonl", csv_path=tmp_path / "e.csv")
-    summary = grade(_Bright(), Preprocess((24, 32)), CLASSES, "file://user:secret@frames",
+    summary = grade(ByBrightness(), Preprocess((24, 32)), CLASSES, "file://user:secret@frames",
                     GradeConfig.from_options(full_frame=True), sinks)
     events = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert len(events) == 3 and {e["source"] for e in events} == {"file://user:***@frames"}
@@ -150,6 +129,6 @@ def test_grading_a_file_uri_with_credentials_keeps_them_out_of_events(tmp_path, 
 
 
 def test_a_grader_built_with_a_raw_uri_redacts_it_in_its_events():
-    with Grader(_Bright(), Preprocess((24, 32)), CLASSES, GradeConfig.from_options(full_frame=True),
+    with Grader(ByBrightness(), Preprocess((24, 32)), CLASSES, GradeConfig.from_options(full_frame=True),
                 source="rtsp://admin:secret@cam/s") as g:
         assert g.source == "rtsp://admin:***@cam/s"  # what every event it builds carries

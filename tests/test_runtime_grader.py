@@ -16,6 +16,7 @@ import weakref
 import cv2
 import numpy as np
 import pytest
+from conftest import ByBrightness, FakeCapture
 from mnet.runtime.grader import GradeConfig, Grader, grade, parse_size, stop_on_signals
 from mnet.runtime.localize import Box, Localizer
 from mnet.runtime.sinks import Sinks, open_sinks
@@ -249,15 +250,6 @@ def test_full_frame_mode_grades_each_photo(tmp_path):
     for i in range(3):
         cv2.imwrite(str(tmp_path / f"shot{i}.jpg"), np.full((48, 64, 3), 120 * i, np.uint8))
 
-    class ByBrightness:
-        name = "bright"
-
-        def infer(self, x):
-            out = np.full((len(x), 3), 0.1, np.float32)
-            k = np.clip(((x.mean(axis=(1, 2, 3)) + 2.2) / 1.5).astype(int), 0, 2)
-            out[np.arange(len(x)), k] = 0.8
-            return out
-
     events = []
 
     class Collect:
@@ -282,28 +274,13 @@ def test_live_source_through_the_grader_survives_a_dropout(conveyor):
     cap.release()
     state = {"reads": 0}
 
-    class Camera:
-        def __init__(self, target, api):
-            pass
-
-        def isOpened(self):
-            return True
-
-        def set(self, *a):
-            return True
-
-        def get(self, prop):
-            return 30.0
-
+    class Camera(FakeCapture):
         def read(self):
             time.sleep(0.002)
             state["reads"] += 1
             if state["reads"] == 25:
                 return False, None  # the cable wobbles once
             return True, frames[state["reads"] % len(frames)]
-
-        def release(self):
-            pass
 
     stop = threading.Event()
     infos = []

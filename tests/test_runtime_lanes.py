@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+from conftest import FakeCapture
 from mnet.runtime.grader import GradeConfig, grade
 from mnet.runtime.lanes import LaneSpec, batch_limit, grade_lanes, load_lanes
 from mnet.runtime.sinks import Sinks
@@ -131,19 +132,14 @@ def test_a_lane_whose_camera_dies_does_not_stop_the_other(clips):
     cap.release()
     state = {"reads": 0, "opens": 0, "after": 0}
 
-    class Camera:  # dies after 20 frames; the first reopen fails, the second works
+    class Camera(FakeCapture):  # dies after 20 frames; the first reopen fails, the second works
         def __init__(self):
+            super().__init__()
             state["opens"] += 1
             self.ok = state["opens"] != 2
 
         def isOpened(self):
             return self.ok
-
-        def set(self, *a):
-            return True
-
-        def get(self, prop):
-            return 30.0
 
         def read(self):
             time.sleep(0.01)
@@ -153,9 +149,6 @@ def test_a_lane_whose_camera_dies_does_not_stop_the_other(clips):
             if state["reads"] > 20:
                 state["after"] += 1
             return True, frames[state["reads"] % len(frames)]
-
-        def release(self):
-            pass
 
     def factory(target, api):
         return Camera() if isinstance(target, int) else cv2.VideoCapture(target, api)

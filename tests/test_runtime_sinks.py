@@ -79,18 +79,10 @@ def test_appending_after_a_torn_last_line_starts_a_fresh_line(tmp_path, caplog):
     path = tmp_path / "events.jsonl"
     torn = _ev(2).to_line()[:25]
     path.write_text(_ev(1).to_line() + "\n" + torn)
-    shots = tmp_path / "shots"
-    shots.mkdir()
-    cv2.imwrite(str(shots / "a.jpg"), np.full((48, 64, 3), 200, np.uint8))
-
-    class Constant:
-        name = "constant"
-
-        def infer(self, x):
-            return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
+    shots = _one_shot(tmp_path)
 
     with caplog.at_level("WARNING", logger="mnet.runtime.sinks"):
-        summary = grade(Constant(), Preprocess((24, 32)), ("A", "B", "C"), str(shots),
+        summary = grade(_Constant(), Preprocess((24, 32)), ("A", "B", "C"), str(shots),
                         GradeConfig.from_options(full_frame=True), open_sinks(events=path))
     assert summary.fruit_graded == 1
     lines = path.read_text().split("\n")
@@ -156,6 +148,23 @@ def test_stream_sink_and_fan_out_closes_everything(tmp_path):
     assert "close failed" not in str(e.value) and isinstance(e.value, DataError)
     assert Broken.closed and (tmp_path / "e.csv").read_text().count("\n") == 3  # header + 2 rows
     assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 2
+
+
+def _one_shot(tmp_path: Path) -> Path:
+    """A folder holding one plain image: one fruit with --full-frame."""
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    cv2.imwrite(str(shots / "a.jpg"), np.full((48, 64, 3), 200, np.uint8))
+    return shots
+
+
+class _Constant:
+    """A backend that grades every crop B."""
+
+    name = "constant"
+
+    def infer(self, x):
+        return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
 
 
 def _open_fds() -> set[str]:
@@ -290,18 +299,10 @@ def test_a_csv_with_other_columns_is_refused_before_the_jsonl_holds_anything(tmp
         open_sinks(events=jsonl, csv_path=other, classes=("A", "B", "C"))
     assert not jsonl.exists()
     # not told (a library caller): grade() starts every sink before the first frame
-    shots = tmp_path / "shots"
-    shots.mkdir()
-    cv2.imwrite(str(shots / "a.jpg"), np.full((48, 64, 3), 200, np.uint8))
-
-    class Constant:
-        name = "constant"
-
-        def infer(self, x):
-            return np.tile(np.array([[0.1, 0.8, 0.1]], np.float32), (len(x), 1))
+    shots = _one_shot(tmp_path)
 
     with pytest.raises(ConfigError, match="has columns"):
-        grade(Constant(), Preprocess((24, 32)), ("A", "B", "C"), str(shots), GradeConfig.from_options(full_frame=True),
+        grade(_Constant(), Preprocess((24, 32)), ("A", "B", "C"), str(shots), GradeConfig.from_options(full_frame=True),
               open_sinks(events=jsonl, csv_path=other))
     assert jsonl.read_text() == ""
     assert other.read_text() == "fruit_id,grade,p_ok,p_bad\n1,ok,0.9,0.1\n"

@@ -242,16 +242,26 @@ def test_live_source_returns_the_newest_frame_and_counts_drops():
         src.close()
 
 
-def test_live_source_that_cannot_open_names_the_uri():
+def _closed_capture() -> type:
+    """A capture class that never opens (a camera unplugged, a stream down); counts its opens."""
+
     class Closed:
+        opens = 0
+
         def __init__(self, *a):
-            pass
+            Closed.opens += 1
 
         def isOpened(self):
             return False
 
         def release(self):
             pass
+
+    return Closed
+
+
+def test_live_source_that_cannot_open_names_the_uri():
+    Closed = _closed_capture()
 
     with pytest.raises(SourceError, match=r"'rtsp://cam\.local/live'.*cannot connect"):
         open_source("rtsp://cam.local/live", capture_factory=Closed, open_timeout_s=0)
@@ -408,17 +418,7 @@ def test_live_source_down_at_start_is_retried_until_it_comes_up():
 
 
 def test_live_source_that_stays_down_gives_up_with_one_line_and_no_password(caplog):
-    class Closed:
-        opens = 0
-
-        def __init__(self, *a):
-            Closed.opens += 1
-
-        def isOpened(self):
-            return False
-
-        def release(self):
-            pass
+    Closed = _closed_capture()
 
     t = time.monotonic()
     with caplog.at_level(logging.DEBUG, logger="mnet.runtime.sources"), \
@@ -482,17 +482,7 @@ def test_grade_retries_a_source_down_at_start_for_the_configured_time():
     from mnet.preprocess import Preprocess
     from mnet.runtime.grader import GradeConfig, grade
 
-    class Closed:
-        opens = 0
-
-        def __init__(self, *a):
-            Closed.opens += 1
-
-        def isOpened(self):
-            return False
-
-        def release(self):
-            pass
+    Closed = _closed_capture()
 
     class Never:
         def infer(self, x):
