@@ -208,7 +208,8 @@ def test_grading_with_credentials_in_the_source_and_broker_uris_leaks_them_nowhe
 
     from mnet.runtime.grader import GradeConfig, grade
     from mnet.runtime.sinks import open_sinks
-    from test_redact import CLASSES, _Bright, _camera
+    from conftest import ByBrightness
+    from test_redact import CLASSES, _camera
 
     from mnet.preprocess import Preprocess
 
@@ -226,7 +227,7 @@ def test_grading_with_credentials_in_the_source_and_broker_uris_leaks_them_nowhe
             if len(seen) == 6:
                 stop.set()
 
-        summary = grade(_Bright(), Preprocess((24, 32)), CLASSES, "rtsp://admin:secret@cam.local/stream",
+        summary = grade(ByBrightness(), Preprocess((24, 32)), CLASSES, "rtsp://admin:secret@cam.local/stream",
                         GradeConfig.from_options(full_frame=True), sinks, stop=stop, on_frame=on_frame,
                         capture_factory=_camera(6))
         n = summary.fruit_graded
