@@ -9,7 +9,8 @@ Every variant runs through what the runtime uses: `open_backend(bundle, backend,
 `Backend.infer` (the torch backend rebuilds the checkpoint's conv model; "torch_fast" is the same
 model with the exact conv/dense/FFT depthwise form chosen per layer by `select_depthwise`, a reference).
 INT8 is ONNX Runtime static QDQ quantisation (`mnet calibrate int8`): the default S8S8 (symmetric int8,
-TensorRT-compatible) and the U8S8 variant (asymmetric uint8 activations, ORT CPU only) for comparison.
+TensorRT-compatible), the U8S8 variant (asymmetric uint8 activations, ORT CPU only) for comparison, and
+S8S8 with `--keep-fp32 auto` (the nodes that time slower at int8 on this CPU stay fp32).
 
 Where the time goes: ORT's per-node profile of mnet-24-32 at batch 1 (fp32, S8S8, U8S8), summed per
 role (depthwise / pointwise / ...) and per layer, with each layer's fp32/int8 ratio
@@ -101,10 +102,12 @@ def _time_preset(preset: str, work: Path, data: Path, threads: int, reps: int, r
     arch = PRESETS[preset].sample(random.Random(0))
     ckpt = _checkpoint(arch, work / f"{preset}.pt")
     bundles = {}
-    for act in ("int8", "uint8"):
+    for act in ("int8", "uint8", "auto"):
         b = export_onnx(ckpt, work / f"{preset}-{act}", parity_images=8, overwrite=True)
-        # timing only: 64 images give realistic ranges; accuracy is measured on the trained model below
-        calibrate_int8(b.path, data, samples=64, activations=act)
+        # timing only: 64 images give realistic ranges; accuracy is measured on the trained model below.
+        # "auto": S8S8 with the nodes that time slower at int8 here left fp32 (what `--keep-fp32 auto` ships)
+        calibrate_int8(b.path, data, samples=64, activations="int8" if act == "auto" else act,
+                       keep_fp32="auto" if act == "auto" else None, threads=threads)
         bundles[act] = b.path
     fast = MNet(arch).eval()
     fast.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
@@ -112,6 +115,8 @@ def _time_preset(preset: str, work: Path, data: Path, threads: int, reps: int, r
                 "ort_fp32": open_backend(bundles["int8"], "onnxruntime", "fp32", providers="cpu", threads=threads),
                 "ort_int8": open_backend(bundles["int8"], "onnxruntime", "int8", providers="cpu", threads=threads),
                 "ort_int8_u8s8": open_backend(bundles["uint8"], "onnxruntime", "int8", providers="cpu",
+                                              threads=threads),
+                "ort_int8_auto": open_backend(bundles["auto"], "onnxruntime", "int8", providers="cpu",
                                               threads=threads)}
     out = {"arch_seed": 0, "params": arch.num_params(), "macs": arch.macs(), "latency_ms": {},
            "backends": {k: be.describe() for k, be in backends.items()}}
@@ -142,6 +147,7 @@ def _time_preset(preset: str, work: Path, data: Path, threads: int, reps: int, r
         r[f"ort_over_torch_fast_{b}"] = ms["torch_fast"] / ms["ort_fp32"]
         r[f"int8_over_fp32_{b}"] = ms["ort_fp32"] / ms["ort_int8"]
         r[f"int8_u8s8_over_fp32_{b}"] = ms["ort_fp32"] / ms["ort_int8_u8s8"]
+        r[f"int8_auto_over_fp32_{b}"] = ms["ort_fp32"] / ms["ort_int8_auto"]
     out["ratios"] = r
     return out
 
@@ -200,6 +206,7 @@ def main() -> None:
         "int8_accuracy": acc,
         "ort_over_torch_mnet_24_32_b1": big.get("ort_over_torch_b1"),
         "int8_over_fp32_mnet_24_32_b1": big.get("int8_over_fp32_b1"),
+        "int8_auto_over_fp32_mnet_24_32_b1": big.get("int8_auto_over_fp32_b1"),
         "int8_accuracy_drop_points": acc["int8"]["drop_points"] if acc else None,
         "targets": TARGETS,
         "seconds": time.time() - t0,

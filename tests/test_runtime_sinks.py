@@ -8,6 +8,7 @@ import io
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -403,6 +404,118 @@ def test_stream_pipeline_for_rtp_and_rtsp():
         stream_pipeline("rtp://h:5000", 30, (640, 480), "vp8enc")
     with pytest.raises(ConfigError, match="size"):
         stream_pipeline("rtp://h:5000", 30, (0, 480))
+
+
+def _gst_missing(*elements: str) -> str | None:
+    """Why GStreamer cannot run a pipeline of `elements` here (None: it can)."""
+    import shutil
+    import subprocess
+
+    launch, inspect = shutil.which("gst-launch-1.0"), shutil.which("gst-inspect-1.0")
+    if not launch or not inspect:
+        return "no gst-launch-1.0 (.ci/run installs gstreamer1.0-tools and its plugins)"
+    for e in elements:
+        if subprocess.run([inspect, "--exists", e], capture_output=True, timeout=30).returncode:
+            return f"GStreamer has no {e} here"
+    return None
+
+
+def _h264_nal_types(rtp_payload: bytes) -> set[int]:
+    """The H.264 NAL unit types one RTP packet carries (RFC 6184: single NAL, STAP-A, or FU-A's first part)."""
+    kind = rtp_payload[0] & 0x1F
+    if kind == 24:  # STAP-A: 16-bit size, NAL, ...
+        out, i = set(), 1
+        while i + 2 < len(rtp_payload):
+            n = int.from_bytes(rtp_payload[i:i + 2], "big")
+            out.add(rtp_payload[i + 2] & 0x1F)
+            i += 2 + n
+        return out
+    if kind == 28:  # FU-A: the fragmented NAL's type is in the FU header (start bit set on its first part)
+        return {rtp_payload[1] & 0x1F} if rtp_payload[1] & 0x80 else set()
+    return {kind}
+
+
+def _gst_send(uri: str, frames: int = 20) -> None:
+    """Run the pipeline `VideoStreamSink` hands OpenCV for `uri` in GStreamer itself (gst-launch-1.0), a test
+    source in place of OpenCV's appsrc: PyPI's OpenCV has no GStreamer, a Jetson's has."""
+    import shlex
+    import subprocess
+
+    pipeline = stream_pipeline(uri, 30, (320, 240), "x264enc")
+    head = "appsrc is-live=true"
+    assert pipeline.startswith(head)
+    # what OpenCV's writer gives its appsrc: BGR frames of the size and rate it was opened with
+    src = f"videotestsrc num-buffers={frames} is-live=true ! video/x-raw,format=BGR,width=320,height=240,framerate=30/1"
+    run = subprocess.run(["gst-launch-1.0", "-q", *shlex.split(src + pipeline[len(head):])],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+_SEND = ("videotestsrc", "videoconvert", "x264enc", "h264parse")
+
+
+def test_rtp_stream_pipeline_runs_in_real_gstreamer():
+    """rtp://: a receiver gets RTP H.264 with SPS, PPS and a keyframe."""
+    why = _gst_missing(*_SEND, "rtph264pay", "udpsink")
+    if why:
+        pytest.skip(why)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(0.5)
+    _gst_send(f"rtp://127.0.0.1:{rx.getsockname()[1]}")
+    packets = []
+    try:
+        while True:
+            packets.append(rx.recv(65536))
+    except TimeoutError:
+        pass
+    finally:
+        rx.close()
+    assert packets, "no RTP packet arrived"
+    assert all(p[0] >> 6 == 2 and p[1] & 0x7F == 96 for p in packets)  # RTP v2, the payload type we set
+    nals = set().union(*(_h264_nal_types(p[12 + 4 * (p[0] & 0x0F):]) for p in packets))
+    assert {7, 8, 5} <= nals, nals  # SPS, PPS (config-interval=1) and an IDR frame: a late viewer can start
+
+
+def _python_with_rtsp_server() -> str | None:
+    """An interpreter that can run tests/rtsp_record_server.py (PyGObject + gst-rtsp-server), or None."""
+    import shutil
+    import subprocess
+
+    probe = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
+    for exe in dict.fromkeys(x for x in (sys.executable, "/usr/bin/python3", shutil.which("python3")) if x):
+        if subprocess.run([exe, "-c", probe], capture_output=True, timeout=60).returncode == 0:
+            return exe
+    return None
+
+
+def test_rtsp_stream_pipeline_publishes_to_a_real_rtsp_server(tmp_path):
+    """rtsp://: rtspclientsink publishes (ANNOUNCE/RECORD) to a real RTSP server, which receives the H.264."""
+    import subprocess
+
+    why = _gst_missing(*_SEND, "rtspclientsink")
+    exe = None if why else _python_with_rtsp_server()
+    if why or exe is None:
+        pytest.skip(why or "no python3-gi with gst-rtsp-server (.ci/run installs them)")
+    got = tmp_path / "received.h264"
+    server = subprocess.Popen([exe, str(Path(__file__).with_name("rtsp_record_server.py")), "belt", str(got)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        _gst_send(f"rtsp://127.0.0.1:{port}/belt")
+        deadline, size = time.monotonic() + 10, -1
+        while time.monotonic() < deadline:  # until the server's file stops growing (its filesink flushes late)
+            time.sleep(0.3)
+            now = got.stat().st_size if got.exists() else 0
+            if now and now == size:
+                break
+            size = now
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    data = got.read_bytes()
+    nals = {data[i + 3] & 0x1F for i in range(len(data) - 3) if data[i:i + 3] == b"\x00\x00\x01"}
+    assert {7, 8, 5} <= nals, nals  # SPS, PPS and an IDR frame reached the server
 
 
 @pytest.mark.parametrize("uri, why", [
