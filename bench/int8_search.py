@@ -37,8 +37,8 @@ The tables' per-op fp32/int8 ratios (p50 ÷ p50, per kernel/dilation and resolut
 as they are: they say which ops ORT runs faster at int8 on this CPU.
 
     python bench/int8_search.py [--route both|search|tables] [--search-seeds 3] [--width 256] [--epochs 12]
-                                [--other-epochs 1] [--lr 0.02] [--n-train 1200] [--n-test 2000] [--random 8] [--rounds 21] [--reps 30] [--work DIR]
-                                [--no-write]
+                                [--other-epochs 1] [--lr 0.02] [--n-train 1200] [--n-test 2000] [--random 8]
+                                [--rounds 21] [--reps 30] [--timing-runs 3] [--work DIR] [--name NAME] [--no-write]
 """
 
 from __future__ import annotations
