@@ -409,15 +409,13 @@ def test_stream_pipeline_for_rtp_and_rtsp():
 def _gst_missing(*elements: str) -> str | None:
     """Why GStreamer cannot run a pipeline of `elements` here (None: it can)."""
     import shutil
-    import subprocess
 
-    launch, inspect = shutil.which("gst-launch-1.0"), shutil.which("gst-inspect-1.0")
-    if not launch or not inspect:
+    from mnet.runtime.sinks import _gst_element_exists
+
+    if not shutil.which("gst-launch-1.0"):
         return "no gst-launch-1.0 (.ci/run installs gstreamer1.0-tools and its plugins)"
-    for e in elements:
-        if subprocess.run([inspect, "--exists", e], capture_output=True, timeout=30).returncode:
-            return f"GStreamer has no {e} here"
-    return None
+    missing = [e for e in elements if not _gst_element_exists(e)]
+    return f"GStreamer has no {', '.join(missing)} here" if missing else None
 
 
 def _h264_nal_types(rtp_payload: bytes) -> set[int]:
@@ -435,9 +433,12 @@ def _h264_nal_types(rtp_payload: bytes) -> set[int]:
     return {kind}
 
 
-def _gst_send(uri: str, frames: int = 20) -> None:
+def _gst_send(uri: str, frames: int = 20, eos_may_hang: bool = False) -> None:
     """Run the pipeline `VideoStreamSink` hands OpenCV for `uri` in GStreamer itself (gst-launch-1.0), a test
-    source in place of OpenCV's appsrc: PyPI's OpenCV has no GStreamer, a Jetson's has."""
+    source in place of OpenCV's appsrc: PyPI's OpenCV has no GStreamer, a Jetson's has.
+
+    `eos_may_hang`: rtspclientsink (GStreamer 1.22) now and then never finishes its teardown after EOS (2 runs
+    in 15 here); the caller then judges by what the server received."""
     import shlex
     import subprocess
 
@@ -446,8 +447,13 @@ def _gst_send(uri: str, frames: int = 20) -> None:
     assert pipeline.startswith(head)
     # what OpenCV's writer gives its appsrc: BGR frames of the size and rate it was opened with
     src = f"videotestsrc num-buffers={frames} is-live=true ! video/x-raw,format=BGR,width=320,height=240,framerate=30/1"
-    run = subprocess.run(["gst-launch-1.0", "-q", *shlex.split(src + pipeline[len(head):])],
-                         capture_output=True, text=True, timeout=120)
+    try:
+        run = subprocess.run(["gst-launch-1.0", "-q", *shlex.split(src + pipeline[len(head):])],
+                             capture_output=True, text=True, timeout=30 if eos_may_hang else 120)
+    except subprocess.TimeoutExpired:
+        if eos_may_hang:
+            return
+        raise
     assert run.returncode == 0, run.stderr[-2000:]
 
 
@@ -502,7 +508,7 @@ def test_rtsp_stream_pipeline_publishes_to_a_real_rtsp_server(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline())
-        _gst_send(f"rtsp://127.0.0.1:{port}/belt")
+        _gst_send(f"rtsp://127.0.0.1:{port}/belt", eos_may_hang=True)
         deadline, size = time.monotonic() + 10, -1
         while time.monotonic() < deadline:  # until the server's file stops growing (its filesink flushes late)
             time.sleep(0.3)
